@@ -1,0 +1,287 @@
+//! EMBCACHE.* command handlers: parse, validate everything, then touch keys.
+//! A command either fails before its first write or writes everything.
+
+use std::borrow::Cow;
+
+use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
+
+use crate::codec::{fp32_to_json, is_fp32, parse_vector};
+use crate::config::Settings;
+use crate::errors::describe;
+use crate::ffi::{self, error};
+use crate::keys::{collapse_whitespace, Namespace, MAX_MODEL_BYTES};
+use crate::ttl::{jittered_ms, now_ms, parse_ex, SplitMix};
+
+/// Drives TTL jitter; seeded at module load.
+pub static JITTER_RNG: SplitMix = SplitMix::new(0);
+
+#[derive(Clone, Copy)]
+enum Format {
+    Fp32,
+    Json,
+}
+
+fn model_arg(arg: &RedisString) -> Result<&[u8], RedisError> {
+    let m = arg.as_slice();
+    if m.is_empty() || m.len() > MAX_MODEL_BYTES {
+        return Err(error(format!(
+            "ERR model must be 1 to {MAX_MODEL_BYTES} bytes"
+        )));
+    }
+    Ok(m)
+}
+
+fn text_arg<'a>(cfg: &Settings, arg: &'a RedisString) -> Result<Cow<'a, [u8]>, RedisError> {
+    let t = arg.as_slice();
+    if t.len() > cfg.max_text_bytes {
+        return Err(error(format!(
+            "ERR text is {} bytes, more than max-text-bytes {}",
+            t.len(),
+            cfg.max_text_bytes
+        )));
+    }
+    let t = if cfg.normalize_whitespace {
+        Cow::Owned(collapse_whitespace(t))
+    } else {
+        Cow::Borrowed(t)
+    };
+    if t.is_empty() {
+        return Err(error("ERR text must not be empty"));
+    }
+    Ok(t)
+}
+
+fn namespace<'a>(cfg: &'a Settings, arg: &'a RedisString) -> Result<Namespace<'a>, RedisError> {
+    Namespace::new(&cfg.prefix, arg.as_slice()).map_err(|e| error(e.message()))
+}
+
+fn vector_arg(cfg: &Settings, arg: &RedisString) -> Result<Vec<u8>, RedisError> {
+    parse_vector(arg.as_slice(), cfg.max_dims).map_err(|e| error(e.message()))
+}
+
+fn is_word(arg: &RedisString, word: &str) -> bool {
+    arg.as_slice().eq_ignore_ascii_case(word.as_bytes())
+}
+
+fn unknown_option(arg: &RedisString, expected: &str) -> RedisError {
+    error(format!(
+        "ERR unknown option '{}'; expected {expected}",
+        describe(arg.as_slice())
+    ))
+}
+
+/// Checks `dims` against the namespace's pin for `model`. Returns true when
+/// the model has no pin yet and the caller should write one.
+fn check_dims(
+    ctx: &Context,
+    cfg: &Settings,
+    ns: &Namespace,
+    model: &[u8],
+    dims: usize,
+) -> Result<bool, RedisError> {
+    if cfg.fixed_dims != 0 {
+        if dims != cfg.fixed_dims {
+            return Err(error(format!(
+                "ERR dimension mismatch: vector has {dims} dimensions, fixed-dims is {}",
+                cfg.fixed_dims
+            )));
+        }
+        return Ok(false);
+    }
+    let pinned = ffi::call(
+        ctx,
+        "HGET",
+        &[&ns.dims_key(), model],
+        false,
+        ffi::reply_as_u64,
+    )?;
+    match pinned {
+        Some(p) if p as usize != dims => Err(error(format!(
+            "ERR dimension mismatch: this namespace stores {p}-dimension vectors \
+             for this model, got {dims}"
+        ))),
+        Some(_) => Ok(false),
+        None => Ok(true),
+    }
+}
+
+fn pin_dims(ctx: &Context, ns: &Namespace, model: &[u8], dims: usize) -> Result<(), RedisError> {
+    let d = dims.to_string();
+    ffi::call(
+        ctx,
+        "HSET",
+        &[&ns.dims_key(), model, d.as_bytes()],
+        true,
+        |_| (),
+    )
+}
+
+/// Absolute expiry for one write, or None for no expiry.
+fn expire_at(cfg: &Settings, ex: Option<u64>) -> Option<u64> {
+    let base = ex.unwrap_or(cfg.default_ttl_secs);
+    if base == 0 {
+        return None;
+    }
+    Some(now_ms() + jittered_ms(base, cfg.jitter_pct, JITTER_RNG.next()))
+}
+
+/// Writes validated vectors (all of one dimension) and the pin if needed.
+fn store(
+    ctx: &Context,
+    cfg: &Settings,
+    ns: &Namespace,
+    model: &[u8],
+    entries: &[(Vec<u8>, Vec<u8>)],
+    ex: Option<u64>,
+) -> RedisResult {
+    let dims = entries.first().map_or(0, |(_, v)| v.len() / 4);
+    if check_dims(ctx, cfg, ns, model, dims)? {
+        pin_dims(ctx, ns, model, dims)?;
+    }
+    for (key, vector) in entries {
+        ffi::set_string(ctx, key, vector, expire_at(cfg, ex))?;
+    }
+    Ok(RedisValue::SimpleStringStatic("OK"))
+}
+
+/// EMBCACHE.SET ns model text vector [EX seconds]
+pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    let ex = match args.len() {
+        5 => None,
+        7 if is_word(&args[5], "EX") => Some(parse_ex(args[6].as_slice()).map_err(error)?),
+        6 | 7 => return Err(unknown_option(&args[5], "EX seconds")),
+        _ => return Err(RedisError::WrongArity),
+    };
+    let cfg = Settings::snapshot();
+    let ns = namespace(&cfg, &args[1])?;
+    let model = model_arg(&args[2])?;
+    let text = text_arg(&cfg, &args[3])?;
+    let vector = vector_arg(&cfg, &args[4])?;
+    let entries = [(ns.embedding_key(model, &text), vector)];
+    store(ctx, &cfg, &ns, model, &entries, ex)
+}
+
+/// EMBCACHE.MSET ns model text vector [text vector ...]
+pub fn mset(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    if args.len() < 5 || (args.len() - 3) % 2 != 0 {
+        return Err(RedisError::WrongArity);
+    }
+    let cfg = Settings::snapshot();
+    let ns = namespace(&cfg, &args[1])?;
+    let model = model_arg(&args[2])?;
+    let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity((args.len() - 3) / 2);
+    for (i, pair) in args[3..].chunks_exact(2).enumerate() {
+        let text = text_arg(&cfg, &pair[0]).map_err(|e| at_pair(e, i))?;
+        let vector = vector_arg(&cfg, &pair[1]).map_err(|e| at_pair(e, i))?;
+        if let Some((_, first)) = entries.first() {
+            let (want, got) = (first.len() / 4, vector.len() / 4);
+            if want != got {
+                return Err(error(format!(
+                    "ERR dimension mismatch: pair {i} has {got} dimensions, pair 0 has {want}"
+                )));
+            }
+        }
+        entries.push((ns.embedding_key(model, &text), vector));
+    }
+    store(ctx, &cfg, &ns, model, &entries, None)
+}
+
+fn at_pair(e: RedisError, i: usize) -> RedisError {
+    match e {
+        RedisError::String(s) => error(format!("{s} (pair {i})")),
+        other => other,
+    }
+}
+
+/// EMBCACHE.GET ns model text [FORMAT FP32|JSON]
+pub fn get(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    let format = match args.len() {
+        4 => Format::Fp32,
+        6 if is_word(&args[4], "FORMAT") => {
+            if is_word(&args[5], "FP32") {
+                Format::Fp32
+            } else if is_word(&args[5], "JSON") {
+                Format::Json
+            } else {
+                return Err(unknown_option(&args[5], "FORMAT FP32 or FORMAT JSON"));
+            }
+        }
+        5 | 6 => return Err(unknown_option(&args[4], "FORMAT FP32|JSON")),
+        _ => return Err(RedisError::WrongArity),
+    };
+    let cfg = Settings::snapshot();
+    let ns = namespace(&cfg, &args[1])?;
+    let model = model_arg(&args[2])?;
+    let text = text_arg(&cfg, &args[3])?;
+    let key = ns.embedding_key(model, &text);
+    ffi::with_string(ctx, &key, |value| match (value, format) {
+        (None, _) => Ok(RedisValue::Null),
+        (Some(v), _) if !is_fp32(v) => Err(error("ERR entry is not an FP32 vector")),
+        (Some(v), Format::Fp32) => Ok(ffi::reply_bytes(ctx, v)),
+        (Some(v), Format::Json) => Ok(RedisValue::StringBuffer(fp32_to_json(v))),
+    })?
+}
+
+/// Keys for `text [text ...]` starting at `args[3]`, validated before any read.
+fn text_keys(cfg: &Settings, args: &[RedisString]) -> Result<Vec<Vec<u8>>, RedisError> {
+    let ns = namespace(cfg, &args[1])?;
+    let model = model_arg(&args[2])?;
+    args[3..]
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let text = text_arg(cfg, a).map_err(|e| at_text(e, i))?;
+            Ok(ns.embedding_key(model, &text))
+        })
+        .collect()
+}
+
+fn at_text(e: RedisError, i: usize) -> RedisError {
+    match e {
+        RedisError::String(s) => error(format!("{s} (text {i})")),
+        other => other,
+    }
+}
+
+/// EMBCACHE.MGET ns model text [text ...]
+/// Like MGET, a key of another type reads as nil.
+pub fn mget(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    if args.len() < 4 {
+        return Err(RedisError::WrongArity);
+    }
+    let cfg = Settings::snapshot();
+    let keys = text_keys(&cfg, &args)?;
+    ffi::reply_array(ctx, keys.len());
+    for key in &keys {
+        let sent = ffi::with_string(ctx, key, |value| match value {
+            Some(v) if is_fp32(v) => ffi::reply_bytes(ctx, v),
+            _ => ffi::reply_null(ctx),
+        });
+        if sent.is_err() {
+            ffi::reply_null(ctx);
+        }
+    }
+    Ok(RedisValue::NoReply)
+}
+
+/// EMBCACHE.DEL ns model text [text ...]
+pub fn del(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    if args.len() < 4 {
+        return Err(RedisError::WrongArity);
+    }
+    let cfg = Settings::snapshot();
+    let keys = text_keys(&cfg, &args)?;
+    let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+    let n = ffi::call(ctx, "DEL", &refs, true, ffi::reply_as_i64)?;
+    Ok(RedisValue::Integer(n))
+}
+
+/// EMBCACHE.KEY ns model text
+pub fn key(_ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    if args.len() != 4 {
+        return Err(RedisError::WrongArity);
+    }
+    let cfg = Settings::snapshot();
+    let mut keys = text_keys(&cfg, &args)?;
+    Ok(RedisValue::StringBuffer(keys.pop().unwrap_or_default()))
+}

@@ -1,0 +1,265 @@
+//! Entry-key derivation. Pure: no Redis types, so another language can
+//! reproduce every key from the README's description and these tests.
+//!
+//! Layout: `<prefix><kind>:v1:{<tag>}:<hex sha256>` where `<tag>` is the
+//! namespace's cluster hash tag, so every entry of a namespace lives in the
+//! namespace key's slot.
+
+use sha2::{Digest, Sha256};
+
+/// Longest namespace accepted: the tag is repeated in every entry key.
+pub const MAX_NS_BYTES: usize = 1024;
+/// Longest model name accepted.
+pub const MAX_MODEL_BYTES: usize = 256;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum NsError {
+    Empty,
+    TooLong,
+    /// A `}` outside a valid hash tag would end our `{...}` wrapper early and
+    /// move the entries to another slot than the namespace key.
+    Untaggable,
+}
+
+impl NsError {
+    pub fn message(&self) -> String {
+        match self {
+            NsError::Empty => "ERR namespace must not be empty".into(),
+            NsError::TooLong => format!("ERR namespace longer than {MAX_NS_BYTES} bytes"),
+            NsError::Untaggable => "ERR namespace contains '}' outside a {hash tag}; \
+                                    use a namespace such as '{tenant}:emb'"
+                .into(),
+        }
+    }
+}
+
+/// The part of `ns` that Redis Cluster hashes: the first non-empty `{...}`,
+/// otherwise the whole name (the same rule as `CLUSTER KEYSLOT`).
+pub fn hash_tag(ns: &[u8]) -> Result<&[u8], NsError> {
+    if ns.is_empty() {
+        return Err(NsError::Empty);
+    }
+    if ns.len() > MAX_NS_BYTES {
+        return Err(NsError::TooLong);
+    }
+    if let Some(open) = ns.iter().position(|&b| b == b'{') {
+        if let Some(len) = ns[open + 1..].iter().position(|&b| b == b'}') {
+            if len > 0 {
+                return Ok(&ns[open + 1..open + 1 + len]);
+            }
+        }
+    }
+    if ns.contains(&b'}') {
+        return Err(NsError::Untaggable);
+    }
+    Ok(ns)
+}
+
+/// Length-prefixed concatenation: each field is its length as a u64
+/// big-endian followed by its bytes. Injective: no two distinct field lists
+/// encode to the same bytes.
+fn digest_fields(fields: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for f in fields {
+        h.update((f.len() as u64).to_be_bytes());
+        h.update(f);
+    }
+    hex(&h.finalize())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+fn compose(prefix: &str, kind: &str, tag: &[u8], digest: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(prefix.len() + kind.len() + tag.len() + digest.len() + 8);
+    key.extend_from_slice(prefix.as_bytes());
+    key.extend_from_slice(kind.as_bytes());
+    key.extend_from_slice(b":v1:{");
+    key.extend_from_slice(tag);
+    key.extend_from_slice(b"}:");
+    key.extend_from_slice(digest.as_bytes());
+    key
+}
+
+/// Derives keys for one namespace; built once per command.
+pub struct Namespace<'a> {
+    ns: &'a [u8],
+    tag: &'a [u8],
+    prefix: &'a str,
+}
+
+impl<'a> Namespace<'a> {
+    pub fn new(prefix: &'a str, ns: &'a [u8]) -> Result<Self, NsError> {
+        Ok(Namespace {
+            ns,
+            tag: hash_tag(ns)?,
+            prefix,
+        })
+    }
+
+    /// Key of the embedding for (model, text). The namespace is hashed too:
+    /// `{t}:a` and `{t}:b` share a tag but must not share entries.
+    pub fn embedding_key(&self, model: &[u8], text: &[u8]) -> Vec<u8> {
+        let d = digest_fields(&[b"emb:v1", self.ns, model, text]);
+        compose(self.prefix, "emb", self.tag, &d)
+    }
+
+    /// Key of the hash that pins each model's vector dimension in this namespace.
+    pub fn dims_key(&self) -> Vec<u8> {
+        let d = digest_fields(&[b"dims:v1", self.ns]);
+        compose(self.prefix, "dims", self.tag, &d)
+    }
+}
+
+/// Collapses every run of ASCII whitespace to one space and trims both ends.
+/// Byte-wise, so it is defined for invalid UTF-8 too; non-ASCII whitespace
+/// (U+3000 and friends) is left alone.
+pub fn collapse_whitespace(text: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut pending_space = false;
+    for &b in text {
+        if matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c) {
+            pending_space = !out.is_empty();
+        } else {
+            if pending_space {
+                out.push(b' ');
+                pending_space = false;
+            }
+            out.push(b);
+        }
+    }
+    out
+}
+
+/// A key prefix must keep the `{tag}` the first braces in every key and stay
+/// readable in `SCAN` output.
+pub fn validate_prefix(p: &str) -> Result<(), String> {
+    if p.len() > 64 {
+        return Err("key-prefix must be at most 64 bytes".into());
+    }
+    if let Some(c) = p
+        .chars()
+        .find(|c| !c.is_ascii_graphic() || *c == '{' || *c == '}')
+    {
+        return Err(format!(
+            "key-prefix may only hold printable ASCII without braces or spaces (found 0x{:02x})",
+            c as u32
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn emb(ns: &[u8], model: &[u8], text: &[u8]) -> Vec<u8> {
+        Namespace::new("aicache:", ns)
+            .unwrap()
+            .embedding_key(model, text)
+    }
+
+    #[test]
+    fn it_matches_the_documented_known_answer() {
+        // Same bytes as the README's Python recipe.
+        let key = emb(b"tenantA", b"text-embedding-3-small", b"hello world");
+        let mut enc = Vec::new();
+        for f in [
+            &b"emb:v1"[..],
+            b"tenantA",
+            b"text-embedding-3-small",
+            b"hello world",
+        ] {
+            enc.extend_from_slice(&(f.len() as u64).to_be_bytes());
+            enc.extend_from_slice(f);
+        }
+        let expect = format!("aicache:emb:v1:{{tenantA}}:{}", hex(&Sha256::digest(&enc)));
+        assert_eq!(String::from_utf8(key).unwrap(), expect);
+        // Pinned literal (computed by the README's Python recipe) so a silent
+        // change of the encoding fails this test.
+        assert_eq!(
+            expect,
+            "aicache:emb:v1:{tenantA}:\
+             62ef2558b98e44fd3d329d210fa5605f308972843443012ec2721736c208aef3"
+        );
+    }
+
+    #[test]
+    fn it_never_collides_when_field_boundaries_move() {
+        let cases: [(&[u8], &[u8]); 5] = [
+            (b"a b", b"c"),
+            (b"a", b"b c"),
+            (b"ab", b""),
+            (b"a", b"b"),
+            (b"", b"ab"),
+        ];
+        let mut keys: Vec<Vec<u8>> = cases.iter().map(|(m, t)| emb(b"ns", m, t)).collect();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), cases.len());
+    }
+
+    #[test]
+    fn it_separates_namespaces_that_share_a_tag() {
+        assert_ne!(emb(b"{t}:a", b"m", b"x"), emb(b"{t}:b", b"m", b"x"));
+        assert_ne!(emb(b"{x}", b"m", b"x"), emb(b"x", b"m", b"x"));
+    }
+
+    #[test]
+    fn it_is_binary_safe() {
+        let a = emb(b"ns", b"m", b"a\0b");
+        let b = emb(b"ns", b"m", b"a\0c");
+        let c = emb(b"ns", b"m", &[0xff, 0xfe]);
+        let d = emb(b"ns", b"m", "一二三".as_bytes());
+        assert!(a != b && b != c && c != d);
+    }
+
+    #[test]
+    fn it_uses_the_cluster_hash_tag_rules() {
+        assert_eq!(hash_tag(b"tenantA").unwrap(), b"tenantA");
+        assert_eq!(hash_tag(b"{user1000}.following").unwrap(), b"user1000");
+        assert_eq!(hash_tag(b"foo{}{bar}"), Err(NsError::Untaggable));
+        assert_eq!(hash_tag(b"a{b").unwrap(), b"a{b");
+        assert_eq!(hash_tag(b"{a}}").unwrap(), b"a");
+        assert_eq!(hash_tag(b"a}b"), Err(NsError::Untaggable));
+        assert_eq!(hash_tag(b"{}x}"), Err(NsError::Untaggable));
+        assert_eq!(hash_tag(b""), Err(NsError::Empty));
+        assert_eq!(hash_tag(&[b'x'; MAX_NS_BYTES + 1]), Err(NsError::TooLong));
+    }
+
+    #[test]
+    fn it_keeps_entries_and_dims_in_the_namespace_slot() {
+        let ns = Namespace::new("p:", b"{shop}:emb").unwrap();
+        let k = ns.embedding_key(b"m", b"t");
+        assert!(k.starts_with(b"p:emb:v1:{shop}:"));
+        assert_eq!(k.len(), "p:emb:v1:{shop}:".len() + 64);
+        assert!(ns.dims_key().starts_with(b"p:dims:v1:{shop}:"));
+    }
+
+    #[test]
+    fn it_collapses_ascii_whitespace_only() {
+        assert_eq!(collapse_whitespace(b"  a \t\n b  "), b"a b");
+        assert_eq!(collapse_whitespace(b"\n\n"), b"");
+        assert_eq!(collapse_whitespace(b"a\0 b"), b"a\0 b");
+        let ideographic = "a\u{3000}b".as_bytes();
+        assert_eq!(collapse_whitespace(ideographic), ideographic);
+    }
+
+    #[test]
+    fn it_rejects_prefixes_that_break_the_hash_tag() {
+        assert!(validate_prefix("aicache:").is_ok());
+        assert!(validate_prefix("").is_ok());
+        assert!(validate_prefix("a{b").is_err());
+        assert!(validate_prefix("a}").is_err());
+        assert!(validate_prefix("a b").is_err());
+        assert!(validate_prefix("é").is_err());
+        assert!(validate_prefix(&"x".repeat(65)).is_err());
+    }
+}

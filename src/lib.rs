@@ -1,0 +1,64 @@
+//! aicache: a Redis module that caches embedding vectors and LLM responses
+//! for every app instance at once. This file only wires things together.
+
+pub mod codec;
+pub mod config;
+mod embcache;
+pub mod errors;
+mod ffi;
+pub mod keys;
+pub mod ttl;
+
+use redis_module::configuration::ConfigurationFlags;
+use redis_module::{redis_module, Context, RedisString, Status};
+
+use config::*;
+
+// `cargo test` runs without a Redis process, so the Redis allocator is absent.
+#[cfg(not(test))]
+type Allocator = redis_module::alloc::RedisAlloc;
+#[cfg(not(test))]
+const ALLOCATOR: Allocator = redis_module::alloc::RedisAlloc;
+#[cfg(test)]
+type Allocator = std::alloc::System;
+#[cfg(test)]
+const ALLOCATOR: Allocator = std::alloc::System;
+
+fn init(_ctx: &Context, _args: &[RedisString]) -> Status {
+    let seed = ttl::now_ms() ^ (std::process::id() as u64).rotate_left(32);
+    embcache::JITTER_RNG.reseed(seed);
+    Status::Ok
+}
+
+redis_module! {
+    name: "aicache",
+    version: 1,
+    allocator: (Allocator, ALLOCATOR),
+    data_types: [],
+    init: init,
+    commands: [
+        ["embcache.set", embcache::set, "write deny-oom", 1, 1, 1, "", "write"],
+        ["embcache.mset", embcache::mset, "write deny-oom", 1, 1, 1, "", "write"],
+        ["embcache.get", embcache::get, "readonly fast", 1, 1, 1, "", "read"],
+        ["embcache.mget", embcache::mget, "readonly", 1, 1, 1, "", "read"],
+        ["embcache.del", embcache::del, "write", 1, 1, 1, "", "write"],
+        ["embcache.key", embcache::key, "readonly fast", 1, 1, 1, "", "read"],
+    ],
+    configurations: [
+        i64: [
+            ["default-ttl", &DEFAULT_TTL, 86_400, 0, ttl::MAX_TTL_SECS as i64, ConfigurationFlags::DEFAULT, None],
+            ["ttl-jitter-pct", &TTL_JITTER_PCT, 10, 0, ttl::MAX_JITTER_PCT as i64, ConfigurationFlags::DEFAULT, None],
+            ["max-text-bytes", &MAX_TEXT_BYTES, 32_768, 1, 64 * 1024 * 1024, ConfigurationFlags::DEFAULT, None],
+            ["max-dims", &MAX_DIMS, 8_192, 1, 65_536, ConfigurationFlags::DEFAULT, None],
+            ["fixed-dims", &FIXED_DIMS, 0, 0, 65_536, ConfigurationFlags::DEFAULT, None],
+        ],
+        string: [
+            ["key-prefix", &KEY_PREFIX, DEFAULT_KEY_PREFIX, ConfigurationFlags::DEFAULT, None],
+        ],
+        bool: [
+            ["normalize-whitespace", &NORMALIZE_WHITESPACE, false, ConfigurationFlags::DEFAULT, None],
+        ],
+        enum: [],
+        module_args_as_configuration: true,
+    ]
+}
