@@ -10,22 +10,63 @@ use redis_module::{ConfigurationValue, RedisError, RedisString};
 use crate::keys::validate_prefix;
 
 /// Seconds an entry lives when no `EX` is given; 0 keeps entries forever.
-pub static DEFAULT_TTL: AtomicI64 = AtomicI64::new(86_400);
+pub static DEFAULT_TTL: Bounded = Bounded::new(86_400, 0, crate::ttl::MAX_TTL_SECS as i64);
 /// Each TTL is drawn uniformly from `ttl +/- ttl * pct / 100`.
-pub static TTL_JITTER_PCT: AtomicI64 = AtomicI64::new(10);
+pub static TTL_JITTER_PCT: Bounded = Bounded::new(10, 0, crate::ttl::MAX_JITTER_PCT as i64);
 /// Largest text accepted, in bytes, before normalisation.
-pub static MAX_TEXT_BYTES: AtomicI64 = AtomicI64::new(32_768);
+pub static MAX_TEXT_BYTES: Bounded = Bounded::new(32_768, 1, 64 * 1024 * 1024);
 /// Largest vector accepted, in dimensions.
-pub static MAX_DIMS: AtomicI64 = AtomicI64::new(8_192);
+pub static MAX_DIMS: Bounded = Bounded::new(8_192, 1, 65_536);
 /// When non-zero every vector must have exactly this many dimensions;
 /// when zero each (namespace, model) is pinned by its first vector.
-pub static FIXED_DIMS: AtomicI64 = AtomicI64::new(0);
+pub static FIXED_DIMS: Bounded = Bounded::new(0, 0, 65_536);
 /// Collapse ASCII whitespace runs in texts before hashing.
 pub static NORMALIZE_WHITESPACE: AtomicBool = AtomicBool::new(false);
 /// Prepended to every key the module writes.
 pub static KEY_PREFIX: KeyPrefix = KeyPrefix(Mutex::new(String::new()));
 
 pub const DEFAULT_KEY_PREFIX: &str = "aicache:";
+
+/// An integer config that checks its own range: Redis checks `CONFIG SET`,
+/// but not values given on the `loadmodule` line.
+pub struct Bounded {
+    value: AtomicI64,
+    pub default: i64,
+    pub min: i64,
+    pub max: i64,
+}
+
+impl Bounded {
+    pub const fn new(default: i64, min: i64, max: i64) -> Self {
+        Bounded {
+            value: AtomicI64::new(default),
+            default,
+            min,
+            max,
+        }
+    }
+
+    pub fn get_u64(&self) -> u64 {
+        self.value.load(Ordering::Relaxed).max(0) as u64
+    }
+}
+
+impl ConfigurationValue<i64> for Bounded {
+    fn get(&self, _ctx: &ConfigurationContext) -> i64 {
+        self.value.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, _ctx: &ConfigurationContext, val: i64) -> Result<(), RedisError> {
+        if val < self.min || val > self.max {
+            return Err(RedisError::String(format!(
+                "argument must be between {} and {} inclusive",
+                self.min, self.max
+            )));
+        }
+        self.value.store(val, Ordering::Relaxed);
+        Ok(())
+    }
+}
 
 /// A string config whose setter rejects prefixes that would break hash tags.
 pub struct KeyPrefix(Mutex<String>);
@@ -62,19 +103,15 @@ pub struct Settings {
     pub normalize_whitespace: bool,
 }
 
-fn load(v: &AtomicI64) -> u64 {
-    v.load(Ordering::Relaxed).max(0) as u64
-}
-
 impl Settings {
     pub fn snapshot() -> Settings {
         Settings {
             prefix: KEY_PREFIX.get_string(),
-            default_ttl_secs: load(&DEFAULT_TTL),
-            jitter_pct: load(&TTL_JITTER_PCT),
-            max_text_bytes: load(&MAX_TEXT_BYTES) as usize,
-            max_dims: load(&MAX_DIMS) as usize,
-            fixed_dims: load(&FIXED_DIMS) as usize,
+            default_ttl_secs: DEFAULT_TTL.get_u64(),
+            jitter_pct: TTL_JITTER_PCT.get_u64(),
+            max_text_bytes: MAX_TEXT_BYTES.get_u64() as usize,
+            max_dims: MAX_DIMS.get_u64() as usize,
+            fixed_dims: FIXED_DIMS.get_u64() as usize,
             normalize_whitespace: NORMALIZE_WHITESPACE.load(Ordering::Relaxed),
         }
     }

@@ -46,11 +46,11 @@ redis_module! {
     ],
     configurations: [
         i64: [
-            ["default-ttl", &DEFAULT_TTL, 86_400, 0, ttl::MAX_TTL_SECS as i64, ConfigurationFlags::DEFAULT, None],
-            ["ttl-jitter-pct", &TTL_JITTER_PCT, 10, 0, ttl::MAX_JITTER_PCT as i64, ConfigurationFlags::DEFAULT, None],
-            ["max-text-bytes", &MAX_TEXT_BYTES, 32_768, 1, 64 * 1024 * 1024, ConfigurationFlags::DEFAULT, None],
-            ["max-dims", &MAX_DIMS, 8_192, 1, 65_536, ConfigurationFlags::DEFAULT, None],
-            ["fixed-dims", &FIXED_DIMS, 0, 0, 65_536, ConfigurationFlags::DEFAULT, None],
+            ["default-ttl", &DEFAULT_TTL, DEFAULT_TTL.default, DEFAULT_TTL.min, DEFAULT_TTL.max, ConfigurationFlags::DEFAULT, None],
+            ["ttl-jitter-pct", &TTL_JITTER_PCT, TTL_JITTER_PCT.default, TTL_JITTER_PCT.min, TTL_JITTER_PCT.max, ConfigurationFlags::DEFAULT, None],
+            ["max-text-bytes", &MAX_TEXT_BYTES, MAX_TEXT_BYTES.default, MAX_TEXT_BYTES.min, MAX_TEXT_BYTES.max, ConfigurationFlags::DEFAULT, None],
+            ["max-dims", &MAX_DIMS, MAX_DIMS.default, MAX_DIMS.min, MAX_DIMS.max, ConfigurationFlags::DEFAULT, None],
+            ["fixed-dims", &FIXED_DIMS, FIXED_DIMS.default, FIXED_DIMS.min, FIXED_DIMS.max, ConfigurationFlags::DEFAULT, None],
         ],
         string: [
             ["key-prefix", &KEY_PREFIX, DEFAULT_KEY_PREFIX, ConfigurationFlags::DEFAULT, None],

@@ -1,0 +1,58 @@
+# Shortcuts only: every target is a plain command you could type yourself.
+SHELL := /bin/bash
+PORT ?= 6379
+VENV := .venv
+PY := $(VENV)/bin/python
+MODULE := target/release/libaicache.so
+APT_PKGS := redis-server redis-tools libclang-dev
+PY_PKGS := redis hiredis pytest numpy
+
+.PHONY: help deps sysdeps pydeps build run test unit integration bench lint clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+sysdeps: ## Install redis-server, redis-tools and libclang-dev when missing (Debian, root)
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@command -v cargo >/dev/null || { echo "cargo not found: install a Rust toolchain (1.80+)"; exit 1; }
+
+pydeps: $(VENV)/.ok ## Python test and bench deps in ./.venv
+$(VENV)/.ok:
+	python3 -m venv $(VENV) || { apt-get install -y -qq python3-venv && python3 -m venv $(VENV); }
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PY_PKGS)
+	touch $@
+
+deps: sysdeps pydeps ## Everything the targets below need
+
+build: sysdeps ## Build the release module (target/release/libaicache.so)
+	cargo build --release
+
+run: build ## Start redis-server on 127.0.0.1:$(PORT) with the module (foreground)
+	@echo "aicache: try   redis-cli -p $(PORT) EMBCACHE.SET docs text-embedding-3-small 'hello' '[0.1,0.2,0.3]'"
+	@echo "         then  redis-cli -p $(PORT) EMBCACHE.GET docs text-embedding-3-small 'hello' FORMAT JSON"
+	redis-server redis.conf.example --port $(PORT) --loadmodule $(CURDIR)/$(MODULE)
+
+unit: sysdeps ## cargo test (pure logic)
+	cargo test --release
+
+integration: build pydeps ## pytest against real redis-server processes
+	$(PY) -m pytest -q tests
+
+test: unit integration ## Unit tests, then the integration suite
+
+bench: build pydeps ## Benchmarks; figures go to bench/RESULTS.md by hand
+	$(PY) bench/run.py
+
+lint: sysdeps ## cargo fmt --check and clippy -D warnings
+	cargo fmt --check
+	cargo clippy --release --all-targets -- -D warnings
+
+clean: ## Remove build output and the venv
+	cargo clean
+	rm -rf $(VENV) .pytest_cache tests/__pycache__ bench/__pycache__
