@@ -46,8 +46,8 @@ integration: build pydeps ## pytest against real redis-server processes
 
 test: unit integration ## Unit tests, then the integration suite
 
-bench: build pydeps ## Benchmarks; figures go to bench/RESULTS.md by hand
-	$(PY) bench/run.py
+bench: build pydeps ## Run the benchmarks and write bench/RESULTS.md
+	$(PY) bench/run.py | tee bench/RESULTS.md.tmp && mv bench/RESULTS.md.tmp bench/RESULTS.md
 
 lint: sysdeps ## cargo fmt --check and clippy -D warnings
 	cargo fmt --check
