@@ -20,6 +20,12 @@ pub static MAX_DIMS: Bounded = Bounded::new(8_192, 1, 65_536);
 /// When non-zero every vector must have exactly this many dimensions;
 /// when zero each (namespace, model) is pinned by its first vector.
 pub static FIXED_DIMS: Bounded = Bounded::new(0, 0, 65_536);
+/// Largest LLMCACHE request body accepted, in bytes.
+pub static MAX_REQUEST_BYTES: Bounded = Bounded::new(1 << 20, 1, 64 << 20);
+/// Largest LLM response stored, in bytes.
+pub static MAX_RESPONSE_BYTES: Bounded = Bounded::new(4 << 20, 1, 256 << 20);
+/// Cache responses to requests with temperature > 0 (sampled answers).
+pub static CACHE_SAMPLED: AtomicBool = AtomicBool::new(true);
 /// Collapse ASCII whitespace runs in texts before hashing.
 pub static NORMALIZE_WHITESPACE: AtomicBool = AtomicBool::new(false);
 /// Prepended to every key the module writes.
@@ -101,6 +107,9 @@ pub struct Settings {
     pub max_dims: usize,
     pub fixed_dims: usize,
     pub normalize_whitespace: bool,
+    pub max_request_bytes: usize,
+    pub max_response_bytes: usize,
+    pub cache_sampled: bool,
 }
 
 impl Settings {
@@ -113,6 +122,9 @@ impl Settings {
             max_dims: MAX_DIMS.get_u64() as usize,
             fixed_dims: FIXED_DIMS.get_u64() as usize,
             normalize_whitespace: NORMALIZE_WHITESPACE.load(Ordering::Relaxed),
+            max_request_bytes: MAX_REQUEST_BYTES.get_u64() as usize,
+            max_response_bytes: MAX_RESPONSE_BYTES.get_u64() as usize,
+            cache_sampled: CACHE_SAMPLED.load(Ordering::Relaxed),
         }
     }
 }

@@ -5,15 +5,11 @@ use std::borrow::Cow;
 
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
+use crate::cmd::{ex_option, expire_at, is_word, namespace, unknown_option};
 use crate::codec::{fp32_to_json, is_fp32, parse_vector};
 use crate::config::Settings;
-use crate::errors::describe;
 use crate::ffi::{self, error};
 use crate::keys::{collapse_whitespace, Namespace, MAX_MODEL_BYTES};
-use crate::ttl::{jittered_ms, now_ms, parse_ex, SplitMix};
-
-/// Drives TTL jitter; seeded at module load.
-pub static JITTER_RNG: SplitMix = SplitMix::new(0);
 
 #[derive(Clone, Copy)]
 enum Format {
@@ -51,23 +47,8 @@ fn text_arg<'a>(cfg: &Settings, arg: &'a RedisString) -> Result<Cow<'a, [u8]>, R
     Ok(t)
 }
 
-fn namespace<'a>(cfg: &'a Settings, arg: &'a RedisString) -> Result<Namespace<'a>, RedisError> {
-    Namespace::new(&cfg.prefix, arg.as_slice()).map_err(|e| error(e.message()))
-}
-
 fn vector_arg(cfg: &Settings, arg: &RedisString) -> Result<Vec<u8>, RedisError> {
     parse_vector(arg.as_slice(), cfg.max_dims).map_err(|e| error(e.message()))
-}
-
-fn is_word(arg: &RedisString, word: &str) -> bool {
-    arg.as_slice().eq_ignore_ascii_case(word.as_bytes())
-}
-
-fn unknown_option(arg: &RedisString, expected: &str) -> RedisError {
-    error(format!(
-        "ERR unknown option '{}'; expected {expected}",
-        describe(arg.as_slice())
-    ))
 }
 
 /// Checks `dims` against the namespace's pin for `model`. Returns true when
@@ -116,15 +97,6 @@ fn pin_dims(ctx: &Context, ns: &Namespace, model: &[u8], dims: usize) -> Result<
     )
 }
 
-/// Absolute expiry for one write, or None for no expiry.
-fn expire_at(cfg: &Settings, ex: Option<u64>) -> Option<u64> {
-    let base = ex.unwrap_or(cfg.default_ttl_secs);
-    if base == 0 {
-        return None;
-    }
-    Some(now_ms() + jittered_ms(base, cfg.jitter_pct, JITTER_RNG.next()))
-}
-
 /// Writes validated vectors (all of one dimension) and the pin if needed.
 fn store(
     ctx: &Context,
@@ -146,12 +118,10 @@ fn store(
 
 /// EMBCACHE.SET ns model text vector [EX seconds]
 pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-    let ex = match args.len() {
-        5 => None,
-        7 if is_word(&args[5], "EX") => Some(parse_ex(args[6].as_slice()).map_err(error)?),
-        6 | 7 => return Err(unknown_option(&args[5], "EX seconds")),
-        _ => return Err(RedisError::WrongArity),
-    };
+    if args.len() < 5 {
+        return Err(RedisError::WrongArity);
+    }
+    let ex = ex_option(&args, 5)?;
     let cfg = Settings::snapshot();
     let ns = namespace(&cfg, &args[1])?;
     let model = model_arg(&args[2])?;

@@ -111,6 +111,12 @@ impl<'a> Namespace<'a> {
         compose(self.prefix, "emb", self.tag, &d)
     }
 
+    /// Key of the cached response for a canonical chat-completions request.
+    pub fn llm_key(&self, canonical_request: &[u8]) -> Vec<u8> {
+        let d = digest_fields(&[b"llm:v1", self.ns, canonical_request]);
+        compose(self.prefix, "llm", self.tag, &d)
+    }
+
     /// Key of the hash that pins each model's vector dimension in this namespace.
     pub fn dims_key(&self) -> Vec<u8> {
         let d = digest_fields(&[b"dims:v1", self.ns]);
@@ -241,6 +247,8 @@ mod tests {
         assert!(k.starts_with(b"p:emb:v1:{shop}:"));
         assert_eq!(k.len(), "p:emb:v1:{shop}:".len() + 64);
         assert!(ns.dims_key().starts_with(b"p:dims:v1:{shop}:"));
+        assert!(ns.llm_key(b"{}").starts_with(b"p:llm:v1:{shop}:"));
+        assert_ne!(ns.llm_key(b"{}"), ns.llm_key(b"{ }"));
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! aicache: a Redis module that caches embedding vectors and LLM responses
 //! for every app instance at once. This file only wires things together.
 
+pub mod canon;
+mod cmd;
 pub mod codec;
 pub mod config;
 mod embcache;
 pub mod errors;
 mod ffi;
 pub mod keys;
+mod llmcache;
 pub mod ttl;
 
 use redis_module::configuration::ConfigurationFlags;
@@ -26,7 +29,7 @@ const ALLOCATOR: Allocator = std::alloc::System;
 
 fn init(_ctx: &Context, _args: &[RedisString]) -> Status {
     let seed = ttl::now_ms() ^ (std::process::id() as u64).rotate_left(32);
-    embcache::JITTER_RNG.reseed(seed);
+    cmd::JITTER_RNG.reseed(seed);
     Status::Ok
 }
 
@@ -43,6 +46,10 @@ redis_module! {
         ["embcache.mget", embcache::mget, "readonly", 1, 1, 1, "", "read"],
         ["embcache.del", embcache::del, "write", 1, 1, 1, "", "write"],
         ["embcache.key", embcache::key, "readonly fast", 1, 1, 1, "", "read"],
+        ["llmcache.set", llmcache::set, "write deny-oom", 1, 1, 1, "", "write"],
+        ["llmcache.get", llmcache::get, "readonly", 1, 1, 1, "", "read"],
+        ["llmcache.del", llmcache::del, "write", 1, 1, 1, "", "write"],
+        ["llmcache.key", llmcache::key, "readonly", 1, 1, 1, "", "read"],
     ],
     configurations: [
         i64: [
@@ -51,12 +58,15 @@ redis_module! {
             ["max-text-bytes", &MAX_TEXT_BYTES, MAX_TEXT_BYTES.default, MAX_TEXT_BYTES.min, MAX_TEXT_BYTES.max, ConfigurationFlags::DEFAULT, None],
             ["max-dims", &MAX_DIMS, MAX_DIMS.default, MAX_DIMS.min, MAX_DIMS.max, ConfigurationFlags::DEFAULT, None],
             ["fixed-dims", &FIXED_DIMS, FIXED_DIMS.default, FIXED_DIMS.min, FIXED_DIMS.max, ConfigurationFlags::DEFAULT, None],
+            ["max-request-bytes", &MAX_REQUEST_BYTES, MAX_REQUEST_BYTES.default, MAX_REQUEST_BYTES.min, MAX_REQUEST_BYTES.max, ConfigurationFlags::DEFAULT, None],
+            ["max-response-bytes", &MAX_RESPONSE_BYTES, MAX_RESPONSE_BYTES.default, MAX_RESPONSE_BYTES.min, MAX_RESPONSE_BYTES.max, ConfigurationFlags::DEFAULT, None],
         ],
         string: [
             ["key-prefix", &KEY_PREFIX, DEFAULT_KEY_PREFIX, ConfigurationFlags::DEFAULT, None],
         ],
         bool: [
             ["normalize-whitespace", &NORMALIZE_WHITESPACE, false, ConfigurationFlags::DEFAULT, None],
+            ["cache-sampled", &CACHE_SAMPLED, true, ConfigurationFlags::DEFAULT, None],
         ],
         enum: [],
         module_args_as_configuration: true,

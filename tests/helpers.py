@@ -20,6 +20,9 @@ DEFAULT_CONFIGS = {
     "aicache.fixed-dims": "0",
     "aicache.key-prefix": "aicache:",
     "aicache.normalize-whitespace": "no",
+    "aicache.max-request-bytes": str(1 << 20),
+    "aicache.max-response-bytes": str(4 << 20),
+    "aicache.cache-sampled": "yes",
 }
 
 

@@ -146,7 +146,8 @@ def test_configs_are_listed_and_validated(r):
     assert {k if isinstance(k, str) else k.decode() for k in cfg} == {
         "aicache.default-ttl", "aicache.ttl-jitter-pct", "aicache.max-text-bytes",
         "aicache.max-dims", "aicache.fixed-dims", "aicache.key-prefix",
-        "aicache.normalize-whitespace"}
+        "aicache.normalize-whitespace", "aicache.max-request-bytes",
+        "aicache.max-response-bytes", "aicache.cache-sampled"}
     for name, bad in [("ttl-jitter-pct", 91), ("default-ttl", -1), ("max-dims", 0),
                       ("key-prefix", "a{b"), ("key-prefix", "a b"), ("max-text-bytes", "x")]:
         with pytest.raises(redis.ResponseError):

@@ -1,0 +1,314 @@
+//! Canonical form of an OpenAI chat-completions request, and the rules for
+//! which responses may be cached. Pure: no Redis types.
+//!
+//! Two requests share a cache entry exactly when they would ask the model the
+//! same thing: whitespace and key order do not matter, `1` equals `1.0`,
+//! absent sampling parameters equal their documented defaults, and fields
+//! that only shape transport or billing are dropped.
+
+use serde_json::{Map, Number, Value};
+
+/// Fields that never change the completion's content.
+pub const TRANSPORT_ONLY: &[&str] = &[
+    "stream",
+    "stream_options",
+    "user",
+    "store",
+    "metadata",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+];
+
+/// Output-affecting parameters with the default the API applies when absent.
+pub const DEFAULTS: &[(&str, f64)] = &[
+    ("temperature", 1.0),
+    ("top_p", 1.0),
+    ("n", 1.0),
+    ("presence_penalty", 0.0),
+    ("frequency_penalty", 0.0),
+];
+
+#[derive(Debug, PartialEq)]
+pub struct Canonical {
+    /// Sorted-key compact JSON, the bytes that are hashed.
+    pub bytes: Vec<u8>,
+    /// Effective temperature (default applied), for the sampled-request policy.
+    pub temperature: f64,
+}
+
+fn bad(msg: &str) -> String {
+    format!("ERR request {msg}")
+}
+
+/// Rewrites every integral float as an integer so `1.0` and `1` agree.
+fn normalize_numbers(v: &mut Value) {
+    match v {
+        Value::Number(n) => {
+            if let Some(f) = n.as_f64() {
+                if n.is_f64() && f.fract() == 0.0 && f.abs() < 9.0e15 {
+                    *n = Number::from(f as i64);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(normalize_numbers),
+        Value::Object(o) => o.values_mut().for_each(normalize_numbers),
+        _ => {}
+    }
+}
+
+fn number(f: f64) -> Value {
+    let mut v = Number::from_f64(f).map_or(Value::Null, Value::Number);
+    normalize_numbers(&mut v);
+    v
+}
+
+/// Parses and canonicalises a request body.
+pub fn canonical_request(body: &[u8]) -> Result<Canonical, String> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        bad(&format!(
+            "is not valid JSON (line {}, column {})",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    let Value::Object(mut obj) = value else {
+        return Err(bad("must be a JSON object"));
+    };
+    match obj.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => {}
+        _ => return Err(bad("needs a non-empty string \"model\"")),
+    }
+    match obj.get("messages") {
+        Some(Value::Array(m)) if !m.is_empty() => {}
+        _ => return Err(bad("needs a non-empty array \"messages\"")),
+    }
+    for f in TRANSPORT_ONLY {
+        obj.remove(*f);
+    }
+    for (name, default) in DEFAULTS {
+        match obj.get(*name) {
+            None | Some(Value::Null) => {
+                obj.insert((*name).to_string(), number(*default));
+            }
+            Some(Value::Number(_)) => {}
+            Some(_) => return Err(bad(&format!("field \"{name}\" must be a number"))),
+        }
+    }
+    let temperature = obj
+        .get("temperature")
+        .and_then(Value::as_f64)
+        .unwrap_or(1.0);
+    let mut value = Value::Object(obj);
+    normalize_numbers(&mut value);
+    // serde_json's default map is a BTreeMap: serialisation is key-sorted.
+    let bytes = serde_json::to_vec(&value).map_err(|_| bad("cannot be serialised"))?;
+    Ok(Canonical { bytes, temperature })
+}
+
+/// The request body sent upstream: the caller's request, never streamed.
+pub fn upstream_body(body: &[u8]) -> Result<Vec<u8>, String> {
+    let mut obj: Map<String, Value> =
+        serde_json::from_slice(body).map_err(|_| bad("is not a JSON object"))?;
+    obj.remove("stream_options");
+    obj.insert("stream".into(), Value::Bool(false));
+    serde_json::to_vec(&obj).map_err(|_| bad("cannot be serialised"))
+}
+
+/// Token counts from a response's `usage`, zero when absent.
+#[derive(Debug, Default, PartialEq, Eq, Clone, Copy)]
+pub struct Usage {
+    pub prompt: u64,
+    pub completion: u64,
+    pub total: u64,
+}
+
+/// Accepts a completion only if caching it is safe: a JSON object with no
+/// `error`, a non-empty `choices` where every choice has a `message` object
+/// and did not stop for `length`.
+pub fn validate_response(body: &[u8]) -> Result<Usage, String> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        format!(
+            "ERR response is not valid JSON (line {}, column {})",
+            e.line(),
+            e.column()
+        )
+    })?;
+    let Value::Object(obj) = value else {
+        return Err("ERR response must be a JSON object".into());
+    };
+    if obj.get("error").is_some_and(|e| !e.is_null()) {
+        return Err("ERR response holds an error object; not cached".into());
+    }
+    let choices = match obj.get("choices") {
+        Some(Value::Array(c)) if !c.is_empty() => c,
+        _ => return Err("ERR response has no choices; not cached".into()),
+    };
+    for (i, c) in choices.iter().enumerate() {
+        if !c.get("message").is_some_and(Value::is_object) {
+            return Err(format!(
+                "ERR response choice {i} has no message; not cached"
+            ));
+        }
+        if c.get("finish_reason").and_then(Value::as_str) == Some("length") {
+            return Err(format!(
+                "ERR response choice {i} was cut off (finish_reason length); not cached"
+            ));
+        }
+    }
+    let usage = obj.get("usage");
+    let count = |k: &str| {
+        usage
+            .and_then(|u| u.get(k))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    Ok(Usage {
+        prompt: count("prompt_tokens"),
+        completion: count("completion_tokens"),
+        total: count("total_tokens"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn canon(s: &str) -> Vec<u8> {
+        canonical_request(s.as_bytes()).unwrap().bytes
+    }
+
+    const BASE: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+
+    #[test]
+    fn it_ignores_whitespace_and_key_order() {
+        let a = canon(BASE);
+        let b = canon(
+            r#"{ "messages" : [ {"content":"hi", "role":"user"} ],
+                 "model":"gpt-4o-mini" }"#,
+        );
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn it_applies_documented_defaults() {
+        let explicit = canon(
+            r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],
+                "temperature":1.0,"top_p":1,"n":1,"presence_penalty":0,"frequency_penalty":0.0}"#,
+        );
+        assert_eq!(canon(BASE), explicit);
+        let null_temp = canon(
+            r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"temperature":null}"#,
+        );
+        assert_eq!(canon(BASE), null_temp);
+    }
+
+    #[test]
+    fn it_drops_transport_only_fields() {
+        let with = canon(
+            r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],
+                "stream":true,"stream_options":{"include_usage":true},"user":"u1",
+                "metadata":{"a":"b"},"store":true,"service_tier":"auto"}"#,
+        );
+        assert_eq!(canon(BASE), with);
+    }
+
+    #[test]
+    fn it_keys_on_every_output_affecting_parameter() {
+        let variants = [
+            r#""temperature":0"#,
+            r#""top_p":0.5"#,
+            r#""max_tokens":10"#,
+            r#""max_completion_tokens":10"#,
+            r#""stop":["\n"]"#,
+            r#""seed":7"#,
+            r#""n":2"#,
+            r#""response_format":{"type":"json_object"}"#,
+            r#""tools":[{"type":"function","function":{"name":"f"}}]"#,
+            r#""tool_choice":"none""#,
+            r#""logit_bias":{"50256":-100}"#,
+        ];
+        let mut seen = vec![canon(BASE)];
+        for v in variants {
+            let req = format!(
+                r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}],{v}}}"#
+            );
+            let c = canon(&req);
+            assert!(!seen.contains(&c), "{v} did not change the key");
+            seen.push(c);
+        }
+        let other_model = BASE.replace("gpt-4o-mini", "gpt-4o");
+        assert!(!seen.contains(&canon(&other_model)));
+    }
+
+    #[test]
+    fn it_reports_the_effective_temperature() {
+        assert_eq!(canonical_request(BASE.as_bytes()).unwrap().temperature, 1.0);
+        let t0 = BASE.replace("}]}", r#"}],"temperature":0}"#);
+        assert_eq!(canonical_request(t0.as_bytes()).unwrap().temperature, 0.0);
+    }
+
+    #[test]
+    fn it_rejects_requests_it_cannot_key() {
+        for bad in [
+            "",
+            "[]",
+            "{",
+            r#"{"messages":[{"role":"user","content":"x"}]}"#,
+            r#"{"model":"","messages":[{"role":"user","content":"x"}]}"#,
+            r#"{"model":"m","messages":[]}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#,
+        ] {
+            assert!(canonical_request(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn it_always_asks_upstream_without_streaming() {
+        let body = upstream_body(
+            br#"{"model":"m","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#,
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["stream"], Value::Bool(false));
+        assert!(v.get("stream_options").is_none());
+    }
+
+    fn response(choice: &str) -> String {
+        format!(
+            r#"{{"id":"x","choices":[{choice}],"usage":{{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}}}"#
+        )
+    }
+
+    #[test]
+    fn it_accepts_complete_responses_and_reads_usage() {
+        let ok = response(
+            r#"{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}"#,
+        );
+        assert_eq!(
+            validate_response(ok.as_bytes()),
+            Ok(Usage {
+                prompt: 3,
+                completion: 4,
+                total: 7
+            })
+        );
+    }
+
+    #[test]
+    fn it_never_accepts_uncacheable_responses() {
+        let cut = response(r#"{"message":{"content":"h"},"finish_reason":"length"}"#);
+        let no_msg = response(r#"{"finish_reason":"stop"}"#);
+        for bad in [
+            cut.as_str(),
+            no_msg.as_str(),
+            r#"{"choices":[]}"#,
+            r#"{"error":{"message":"rate limited"}}"#,
+            r#"{"error":{"message":"x"},"choices":[{"message":{}}]}"#,
+            "not json",
+            "[1]",
+        ] {
+            assert!(validate_response(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! LLMCACHE.* command handlers. A request is keyed by its canonical form
+//! (see canon.rs); a response is stored byte for byte once validated.
+
+use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
+
+use crate::canon::{canonical_request, validate_response};
+use crate::cmd::{ex_option, expire_at, namespace};
+use crate::config::Settings;
+use crate::ffi::{self, error};
+
+/// Validates `args[1]` (ns) and `args[2]` (request) and returns the entry key
+/// plus the request's effective temperature.
+fn request_key(cfg: &Settings, args: &[RedisString]) -> Result<(Vec<u8>, f64), RedisError> {
+    let ns = namespace(cfg, &args[1])?;
+    let body = args[2].as_slice();
+    if body.len() > cfg.max_request_bytes {
+        return Err(error(format!(
+            "ERR request is {} bytes, more than max-request-bytes {}",
+            body.len(),
+            cfg.max_request_bytes
+        )));
+    }
+    let canon = canonical_request(body).map_err(error)?;
+    Ok((ns.llm_key(&canon.bytes), canon.temperature))
+}
+
+/// LLMCACHE.SET ns request response [EX seconds]
+pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    if args.len() < 4 {
+        return Err(RedisError::WrongArity);
+    }
+    let ex = ex_option(&args, 4)?;
+    let cfg = Settings::snapshot();
+    let (key, temperature) = request_key(&cfg, &args)?;
+    if temperature > 0.0 && !cfg.cache_sampled {
+        return Err(error(
+            "ERR request has temperature > 0 and aicache.cache-sampled is no; not cached",
+        ));
+    }
+    let response = args[3].as_slice();
+    if response.len() > cfg.max_response_bytes {
+        return Err(error(format!(
+            "ERR response is {} bytes, more than max-response-bytes {}",
+            response.len(),
+            cfg.max_response_bytes
+        )));
+    }
+    validate_response(response).map_err(error)?;
+    ffi::set_string(ctx, &key, response, expire_at(&cfg, ex))?;
+    Ok(RedisValue::SimpleStringStatic("OK"))
+}
+
+/// LLMCACHE.GET ns request
+pub fn get(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    if args.len() != 3 {
+        return Err(RedisError::WrongArity);
+    }
+    let cfg = Settings::snapshot();
+    let (key, _) = request_key(&cfg, &args)?;
+    ffi::with_string(ctx, &key, |value| match value {
+        Some(v) => ffi::reply_bytes(ctx, v),
+        None => RedisValue::Null,
+    })
+}
+
+/// LLMCACHE.DEL ns request
+pub fn del(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    if args.len() != 3 {
+        return Err(RedisError::WrongArity);
+    }
+    let cfg = Settings::snapshot();
+    let (key, _) = request_key(&cfg, &args)?;
+    let n = ffi::call(ctx, "DEL", &[&key], true, ffi::reply_as_i64)?;
+    Ok(RedisValue::Integer(n))
+}
+
+/// LLMCACHE.KEY ns request
+pub fn key(_ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    if args.len() != 3 {
+        return Err(RedisError::WrongArity);
+    }
+    let cfg = Settings::snapshot();
+    let (key, _) = request_key(&cfg, &args)?;
+    Ok(RedisValue::StringBuffer(key))
+}
