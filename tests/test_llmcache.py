@@ -102,9 +102,11 @@ def test_size_limits_apply_to_requests_and_responses(r):
 
 
 def test_llm_key_matches_the_documented_recipe(r):
-    canon = j({"frequency_penalty": 0, "messages": REQ["messages"], "model": "gpt-4o-mini",
-               "n": 1, "presence_penalty": 0, "temperature": 0, "top_p": 1},
-              separators=(",", ":"), sort_keys=True).encode()
+    msgs = [{"role": "user", "content": "Redis 是什么? \u0000 tab\t"}]
+    req = {"model": "gpt-4o-mini", "messages": msgs, "temperature": 0.25, "stream": True}
+    canon = j({"frequency_penalty": 0, "messages": msgs, "model": "gpt-4o-mini",
+               "n": 1, "presence_penalty": 0, "temperature": 0.25, "top_p": 1},
+              separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
     enc = b"".join(len(f).to_bytes(8, "big") + f for f in (b"llm:v1", b"chat", canon))
     want = b"aicache:llm:v1:{chat}:" + hashlib.sha256(enc).hexdigest().encode()
-    assert r.execute_command("LLMCACHE.KEY", "chat", j(REQ)) == want
+    assert r.execute_command("LLMCACHE.KEY", "chat", j(req)) == want
