@@ -47,3 +47,13 @@ pub fn expire_at(cfg: &Settings, ex: Option<u64>) -> Option<u64> {
     }
     Some(now_ms() + jittered_ms(base, cfg.jitter_pct, JITTER_RNG.next()))
 }
+
+/// Rejects an argument longer than the config `limit_name` allows.
+pub fn check_len(what: &str, len: usize, limit: usize, limit_name: &str) -> Result<(), RedisError> {
+    if len > limit {
+        return Err(error(format!(
+            "ERR {what} is {len} bytes, more than {limit_name} {limit}"
+        )));
+    }
+    Ok(())
+}

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
-use crate::cmd::{ex_option, expire_at, is_word, namespace, unknown_option};
+use crate::cmd::{check_len, ex_option, expire_at, is_word, namespace, unknown_option};
 use crate::codec::{fp32_to_json, is_fp32, parse_vector};
 use crate::config::Settings;
 use crate::ffi::{self, error};
@@ -29,13 +29,7 @@ fn model_arg(arg: &RedisString) -> Result<&[u8], RedisError> {
 
 fn text_arg<'a>(cfg: &Settings, arg: &'a RedisString) -> Result<Cow<'a, [u8]>, RedisError> {
     let t = arg.as_slice();
-    if t.len() > cfg.max_text_bytes {
-        return Err(error(format!(
-            "ERR text is {} bytes, more than max-text-bytes {}",
-            t.len(),
-            cfg.max_text_bytes
-        )));
-    }
+    check_len("text", t.len(), cfg.max_text_bytes, "max-text-bytes")?;
     let t = if cfg.normalize_whitespace {
         Cow::Owned(collapse_whitespace(t))
     } else {

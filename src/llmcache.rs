@@ -4,7 +4,7 @@
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
 use crate::canon::{canonical_request, validate_response};
-use crate::cmd::{ex_option, expire_at, namespace};
+use crate::cmd::{check_len, ex_option, expire_at, namespace};
 use crate::config::Settings;
 use crate::ffi::{self, error};
 
@@ -13,13 +13,12 @@ use crate::ffi::{self, error};
 fn request_key(cfg: &Settings, args: &[RedisString]) -> Result<(Vec<u8>, f64), RedisError> {
     let ns = namespace(cfg, &args[1])?;
     let body = args[2].as_slice();
-    if body.len() > cfg.max_request_bytes {
-        return Err(error(format!(
-            "ERR request is {} bytes, more than max-request-bytes {}",
-            body.len(),
-            cfg.max_request_bytes
-        )));
-    }
+    check_len(
+        "request",
+        body.len(),
+        cfg.max_request_bytes,
+        "max-request-bytes",
+    )?;
     let canon = canonical_request(body).map_err(error)?;
     Ok((ns.llm_key(&canon.bytes), canon.temperature))
 }
@@ -38,13 +37,12 @@ pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         ));
     }
     let response = args[3].as_slice();
-    if response.len() > cfg.max_response_bytes {
-        return Err(error(format!(
-            "ERR response is {} bytes, more than max-response-bytes {}",
-            response.len(),
-            cfg.max_response_bytes
-        )));
-    }
+    check_len(
+        "response",
+        response.len(),
+        cfg.max_response_bytes,
+        "max-response-bytes",
+    )?;
     validate_response(response).map_err(error)?;
     ffi::set_string(ctx, &key, response, expire_at(&cfg, ex))?;
     Ok(RedisValue::SimpleStringStatic("OK"))
