@@ -8,8 +8,10 @@ pub mod config;
 mod embcache;
 pub mod errors;
 mod ffi;
+pub mod inflight;
 pub mod keys;
 mod llmcache;
+pub mod retry;
 pub mod ttl;
 
 use redis_module::configuration::ConfigurationFlags;
