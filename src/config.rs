@@ -85,8 +85,8 @@ impl KeyPrefix {
 
 impl ConfigurationValue<RedisString> for KeyPrefix {
     fn get(&self, _ctx: &ConfigurationContext) -> RedisString {
-        // Validated printable ASCII, so the NUL panic in create() cannot fire.
-        RedisString::create(None, self.get_string())
+        // create() panics on NUL; the slice constructor cannot.
+        RedisString::create_from_slice(std::ptr::null_mut(), self.get_string().as_bytes())
     }
 
     fn set(&self, _ctx: &ConfigurationContext, val: RedisString) -> Result<(), RedisError> {
