@@ -48,6 +48,78 @@ pub fn expire_at(cfg: &Settings, ex: Option<u64>) -> Option<u64> {
     Some(now_ms() + jittered_ms(base, cfg.jitter_pct, JITTER_RNG.next()))
 }
 
+/// Options of EMBCACHE.FETCH and LLMCACHE.FETCH.
+#[derive(Default)]
+pub struct FetchOptions {
+    pub timeout_ms: Option<u64>,
+    pub refresh: bool,
+    pub nostore: bool,
+    pub dims: Option<u32>,
+    pub json: bool,
+    pub ex: Option<u64>,
+}
+
+/// Longest TIMEOUT a call may ask for: one day.
+const MAX_WAIT_MS: u64 = 86_400_000;
+
+fn number(arg: Option<&RedisString>, what: &str, min: u64, max: u64) -> Result<u64, RedisError> {
+    let bad = || error(format!("ERR {what} must be an integer from {min} to {max}"));
+    let arg = arg.ok_or_else(bad)?;
+    let n: u64 = std::str::from_utf8(arg.as_slice())
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(bad)?;
+    if n < min || n > max {
+        return Err(bad());
+    }
+    Ok(n)
+}
+
+/// Parses `[TIMEOUT ms] [REFRESH] [NOSTORE] [EX seconds]`, plus
+/// `[DIMENSIONS d] [FORMAT FP32|JSON]` when `vectors` is set.
+pub fn fetch_options(
+    args: &[RedisString],
+    vectors: bool,
+    max_dims: usize,
+) -> Result<FetchOptions, RedisError> {
+    let mut o = FetchOptions::default();
+    let expected = if vectors {
+        "TIMEOUT, REFRESH, NOSTORE, EX, DIMENSIONS or FORMAT"
+    } else {
+        "TIMEOUT, REFRESH, NOSTORE or EX"
+    };
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        if is_word(a, "REFRESH") {
+            o.refresh = true;
+        } else if is_word(a, "NOSTORE") {
+            o.nostore = true;
+        } else if is_word(a, "TIMEOUT") {
+            i += 1;
+            o.timeout_ms = Some(number(args.get(i), "TIMEOUT", 1, MAX_WAIT_MS)?);
+        } else if is_word(a, "EX") {
+            i += 1;
+            let v = args.get(i).ok_or_else(|| error("ERR EX needs a value"))?;
+            o.ex = Some(parse_ex(v.as_slice()).map_err(error)?);
+        } else if vectors && is_word(a, "DIMENSIONS") {
+            i += 1;
+            o.dims = Some(number(args.get(i), "DIMENSIONS", 1, max_dims as u64)? as u32);
+        } else if vectors && is_word(a, "FORMAT") {
+            i += 1;
+            o.json = match args.get(i) {
+                Some(f) if is_word(f, "JSON") => true,
+                Some(f) if is_word(f, "FP32") => false,
+                _ => return Err(error("ERR FORMAT must be FP32 or JSON")),
+            };
+        } else {
+            return Err(unknown_option(a, expected));
+        }
+        i += 1;
+    }
+    Ok(o)
+}
+
 /// Rejects an argument longer than the config `limit_name` allows.
 pub fn check_len(what: &str, len: usize, limit: usize, limit_name: &str) -> Result<(), RedisError> {
     if len > limit {

@@ -33,6 +33,40 @@ pub static KEY_PREFIX: KeyPrefix = KeyPrefix(Mutex::new(String::new()));
 
 pub const DEFAULT_KEY_PREFIX: &str = "aicache:";
 
+// Fills. Thread count and queue size are fixed when the pool starts.
+pub static WORKERS: Bounded = Bounded::new(8, 1, 256);
+pub static QUEUE_SIZE: Bounded = Bounded::new(1024, 1, 1 << 20);
+/// Entries being filled at once, over all clients.
+pub static MAX_FILLS: Bounded = Bounded::new(65_536, 1, 1 << 24);
+/// Texts per embeddings request.
+pub static BATCH_SIZE: Bounded = Bounded::new(100, 1, 2048);
+/// How long a fill holds its entry; it also bounds the fill's retries.
+pub static LEASE_MS: Bounded = Bounded::new(60_000, 100, 3_600_000);
+/// How long a FETCH waits for its fills unless it passes TIMEOUT.
+pub static WAIT_TIMEOUT_MS: Bounded = Bounded::new(60_000, 1, 3_600_000);
+
+// Upstream HTTP.
+pub static CONNECT_TIMEOUT_MS: Bounded = Bounded::new(5_000, 1, 600_000);
+/// Whole attempt, body included: a slow-drip body cannot outlive it.
+pub static ATTEMPT_TIMEOUT_MS: Bounded = Bounded::new(30_000, 1, 3_600_000);
+pub static UPSTREAM_MAX_BYTES: Bounded = Bounded::new(64 << 20, 1024, 1 << 30);
+pub static RETRIES: Bounded = Bounded::new(2, 0, 10);
+pub static BACKOFF_BASE_MS: Bounded = Bounded::new(200, 1, 60_000);
+pub static BACKOFF_CAP_MS: Bounded = Bounded::new(5_000, 1, 600_000);
+/// Ask for `encoding_format: base64` (exact FP32, cheap to parse).
+pub static UPSTREAM_BASE64: AtomicBool = AtomicBool::new(true);
+
+pub const DEFAULT_UPSTREAM_URL: &str = "https://api.openai.com/v1";
+pub static UPSTREAM_URL: Checked = Checked::new(check_base_url);
+/// Full URL for embeddings; empty means `<upstream-url>/embeddings`.
+pub static EMBEDDINGS_URL: Checked = Checked::new(check_optional_url);
+/// Full URL for chat completions; empty means `<upstream-url>/chat/completions`.
+pub static CHAT_URL: Checked = Checked::new(check_optional_url);
+/// Name of the environment variable holding the API key.
+pub static API_KEY_ENV: Checked = Checked::new(check_env_name);
+/// File holding the API key; wins over the environment variable.
+pub static API_KEY_FILE: Checked = Checked::new(check_key_file);
+
 /// An integer config that checks its own range: Redis checks `CONFIG SET`,
 /// but not values given on the `loadmodule` line.
 pub struct Bounded {
@@ -98,6 +132,95 @@ impl ConfigurationValue<RedisString> for KeyPrefix {
     }
 }
 
+/// A string config with a validator run on every value, load time included.
+pub struct Checked {
+    value: Mutex<String>,
+    check: fn(&str) -> Result<(), String>,
+}
+
+impl Checked {
+    pub const fn new(check: fn(&str) -> Result<(), String>) -> Self {
+        Checked {
+            value: Mutex::new(String::new()),
+            check,
+        }
+    }
+
+    pub fn get_string(&self) -> String {
+        self.value.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl ConfigurationValue<RedisString> for Checked {
+    fn get(&self, _ctx: &ConfigurationContext) -> RedisString {
+        RedisString::create_from_slice(std::ptr::null_mut(), self.get_string().as_bytes())
+    }
+
+    fn set(&self, _ctx: &ConfigurationContext, val: RedisString) -> Result<(), RedisError> {
+        let s = std::str::from_utf8(val.as_slice())
+            .map_err(|_| RedisError::Str("value must be printable ASCII"))?;
+        if !s.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+            return Err(RedisError::Str(
+                "value must be printable ASCII without spaces",
+            ));
+        }
+        (self.check)(s).map_err(RedisError::String)?;
+        *self.value.lock().unwrap_or_else(|e| e.into_inner()) = s.to_string();
+        crate::upstream::reload_api_key();
+        Ok(())
+    }
+}
+
+fn check_base_url(s: &str) -> Result<(), String> {
+    let rest = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+        .ok_or("upstream URL must start with http:// or https://")?;
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.is_empty() {
+        return Err("upstream URL has no host".into());
+    }
+    // Credentials in the URL would show in CONFIG GET.
+    if authority.contains('@') {
+        return Err("upstream URL must not carry credentials; use aicache.api-key-env".into());
+    }
+    if s.len() > 2048 {
+        return Err("upstream URL is longer than 2048 bytes".into());
+    }
+    Ok(())
+}
+
+fn check_optional_url(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        Ok(())
+    } else {
+        check_base_url(s)
+    }
+}
+
+fn check_env_name(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 128 || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err("api-key-env must be 1 to 128 letters, digits or underscores".into());
+    }
+    Ok(())
+}
+
+fn check_key_file(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Ok(());
+    }
+    // Only the error kind: the message could quote the file.
+    std::fs::metadata(s)
+        .map_err(|e| format!("api-key-file cannot be read: {}", e.kind()))
+        .and_then(|m| {
+            if m.is_file() {
+                Ok(())
+            } else {
+                Err("api-key-file is not a regular file".into())
+            }
+        })
+}
+
 /// One consistent view of the configs for the length of a command.
 pub struct Settings {
     pub prefix: String,
@@ -110,6 +233,9 @@ pub struct Settings {
     pub max_request_bytes: usize,
     pub max_response_bytes: usize,
     pub cache_sampled: bool,
+    pub batch_size: usize,
+    pub wait_timeout_ms: u64,
+    pub base64: bool,
 }
 
 impl Settings {
@@ -125,6 +251,31 @@ impl Settings {
             max_request_bytes: MAX_REQUEST_BYTES.get_u64() as usize,
             max_response_bytes: MAX_RESPONSE_BYTES.get_u64() as usize,
             cache_sampled: CACHE_SAMPLED.load(Ordering::Relaxed),
+            batch_size: BATCH_SIZE.get_u64() as usize,
+            wait_timeout_ms: WAIT_TIMEOUT_MS.get_u64(),
+            base64: UPSTREAM_BASE64.load(Ordering::Relaxed),
         }
     }
+
+    /// Seconds to keep a fill's entries: EX, else the default.
+    pub fn ttl_secs(&self, ex: Option<u64>) -> u64 {
+        ex.unwrap_or(self.default_ttl_secs)
+    }
+}
+
+fn endpoint(explicit: &Checked, path: &str) -> String {
+    let url = explicit.get_string();
+    if !url.is_empty() {
+        return url;
+    }
+    let base = UPSTREAM_URL.get_string();
+    format!("{}/{path}", base.trim_end_matches('/'))
+}
+
+pub fn embeddings_url() -> String {
+    endpoint(&EMBEDDINGS_URL, "embeddings")
+}
+
+pub fn chat_url() -> String {
+    endpoint(&CHAT_URL, "chat/completions")
 }

@@ -2,14 +2,22 @@
 //! A command either fails before its first write or writes everything.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
-use crate::cmd::{check_len, ex_option, expire_at, is_word, namespace, unknown_option};
+use crate::cmd::{
+    check_len, ex_option, expire_at, fetch_options, is_word, namespace, unknown_option,
+};
 use crate::codec::{fp32_to_json, is_fp32, parse_vector};
 use crate::config::Settings;
+use crate::embed::request_body;
+use crate::fetch::{self, Misses, Shape};
 use crate::ffi::{self, error};
+use crate::fill::{EmbedJob, Job, Pin, Store};
 use crate::keys::{collapse_whitespace, Namespace, MAX_MODEL_BYTES};
+use crate::stats::STATS;
 
 #[derive(Clone, Copy)]
 enum Format {
@@ -248,4 +256,137 @@ pub fn key(_ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let cfg = Settings::snapshot();
     let mut keys = text_keys(&cfg, &args)?;
     Ok(RedisValue::StringBuffer(keys.pop().unwrap_or_default()))
+}
+
+/// EMBCACHE.FETCH ns model numtexts text [text ...] [TIMEOUT ms] [REFRESH]
+///     [NOSTORE] [DIMENSIONS d] [FORMAT FP32|JSON] [EX seconds]
+/// The count makes the options unambiguous whatever the texts say.
+pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    if args.len() < 5 {
+        return Err(RedisError::WrongArity);
+    }
+    let n = std::str::from_utf8(args[3].as_slice())
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .filter(|&n| n >= 1)
+        .ok_or_else(|| error("ERR numtexts must be a positive integer"))?;
+    if n > args.len() - 4 {
+        return Err(error(format!(
+            "ERR numtexts is {n} but only {} texts follow",
+            args.len() - 4
+        )));
+    }
+    let cfg = Settings::snapshot();
+    let opts = fetch_options(&args[4 + n..], true, cfg.max_dims)?;
+    if let (Some(d), f) = (opts.dims, cfg.fixed_dims) {
+        if f != 0 && d as usize != f {
+            return Err(error(format!(
+                "ERR DIMENSIONS {d} conflicts with aicache.fixed-dims {f}"
+            )));
+        }
+    }
+    let ns = namespace(&cfg, &args[1])?;
+    let model = model_arg(&args[2])?;
+    let model_str =
+        std::str::from_utf8(model).map_err(|_| error("ERR model must be valid UTF-8"))?;
+    let mut texts: Vec<Cow<[u8]>> = Vec::with_capacity(n);
+    for (i, a) in args[4..4 + n].iter().enumerate() {
+        let t = text_arg(&cfg, a).map_err(|e| at_text(e, i))?;
+        if std::str::from_utf8(&t).is_err() {
+            return Err(error(format!(
+                "ERR text {i} is not valid UTF-8 and cannot be sent upstream"
+            )));
+        }
+        texts.push(t);
+    }
+    // Duplicate texts share one slot, one fill and one upstream input.
+    let mut slot_of: HashMap<Vec<u8>, usize> = HashMap::with_capacity(n);
+    let mut unique: Vec<(Vec<u8>, usize)> = Vec::new(); // (key, first input)
+    let mut order = Vec::with_capacity(n);
+    for (i, t) in texts.iter().enumerate() {
+        let key = match opts.dims {
+            Some(d) => ns.embedding_key_dims(model, d, t),
+            None => ns.embedding_key(model, t),
+        };
+        let next = unique.len();
+        let slot = *slot_of.entry(key.clone()).or_insert_with(|| {
+            unique.push((key, i));
+            next
+        });
+        order.push(slot);
+    }
+    let mut slots: Vec<Option<Arc<[u8]>>> = vec![None; unique.len()];
+    if !opts.refresh {
+        for (slot, (key, _)) in unique.iter().enumerate() {
+            slots[slot] = ffi::with_string(ctx, key, |v| v.filter(|v| is_fp32(v)).map(Arc::from))?;
+        }
+    }
+    let hit_inputs = order.iter().filter(|&&s| slots[s].is_some()).count();
+    STATS.hits.add(hit_inputs as u64);
+    STATS.misses.add((n - hit_inputs) as u64);
+    let shape = Shape::Vectors {
+        order,
+        json: opts.json,
+    };
+    let missing: Vec<usize> = (0..unique.len()).filter(|&s| slots[s].is_none()).collect();
+    if missing.is_empty() {
+        fetch::reply_complete(ctx, slots, shape);
+        return Ok(RedisValue::NoReply);
+    }
+    fetch::check_can_fill(ctx, missing.len())?;
+    let fill_key = |key: &[u8]| fill_key(key, opts.nostore);
+    let misses = Misses {
+        entries: missing
+            .iter()
+            .map(|&s| (fill_key(&unique[s].0), s))
+            .collect(),
+    };
+    let timeout = opts.timeout_ms.unwrap_or(cfg.wait_timeout_ms);
+    let Some(started) = fetch::begin(ctx, slots, shape, misses, timeout) else {
+        return Ok(RedisValue::NoReply);
+    };
+    let db = ffi::selected_db(ctx);
+    let url = crate::config::embeddings_url();
+    let jobs = started
+        .chunks(cfg.batch_size.max(1))
+        .map(|chunk| {
+            let inputs: Vec<&str> = chunk
+                .iter()
+                .map(|&(slot, _)| std::str::from_utf8(&texts[unique[slot].1]).unwrap_or_default())
+                .collect();
+            Job::Embed(Box::new(EmbedJob {
+                pending: fetch::pending(chunk.iter().map(|&(_, id)| id).collect()),
+                url: url.clone(),
+                body: request_body(model_str, &inputs, opts.dims, cfg.base64),
+                keys: chunk
+                    .iter()
+                    .map(|&(slot, _)| unique[slot].0.clone())
+                    .collect(),
+                dims: opts.dims.map(|d| d as usize),
+                max_dims: cfg.max_dims,
+                store: (!opts.nostore).then(|| Store {
+                    db,
+                    ttl_secs: cfg.ttl_secs(opts.ex),
+                    jitter_pct: cfg.jitter_pct,
+                }),
+                pin: opts.dims.is_none().then(|| Pin {
+                    dims_key: ns.dims_key(),
+                    model: model.to_vec(),
+                    fixed: cfg.fixed_dims,
+                }),
+            }))
+        })
+        .collect();
+    fetch::submit(jobs);
+    Ok(RedisValue::NoReply)
+}
+
+/// The single-flight key: NOSTORE fills never store, so only other NOSTORE
+/// calls may share them.
+pub fn fill_key(key: &[u8], nostore: bool) -> Vec<u8> {
+    let mut k = key.to_vec();
+    if nostore {
+        k.extend_from_slice(b"\0nostore");
+    }
+    k
 }

@@ -111,6 +111,13 @@ impl<'a> Namespace<'a> {
         compose(self.prefix, "emb", self.tag, &d)
     }
 
+    /// Key of the embedding for (model, text) at an explicit `dimensions`
+    /// (OpenAI's shortened embeddings): a different vector, so a different key.
+    pub fn embedding_key_dims(&self, model: &[u8], dims: u32, text: &[u8]) -> Vec<u8> {
+        let d = digest_fields(&[b"emb-dims:v1", self.ns, model, &dims.to_be_bytes(), text]);
+        compose(self.prefix, "emb", self.tag, &d)
+    }
+
     /// Key of the cached response for a canonical chat-completions request.
     pub fn llm_key(&self, canonical_request: &[u8]) -> Vec<u8> {
         let d = digest_fields(&[b"llm:v1", self.ns, canonical_request]);

@@ -6,16 +6,22 @@ mod cmd;
 pub mod codec;
 pub mod config;
 mod embcache;
+pub mod embed;
 pub mod errors;
+mod fetch;
 mod ffi;
+mod fill;
 pub mod inflight;
 pub mod keys;
 mod llmcache;
+mod pool;
 pub mod retry;
+mod stats;
 pub mod ttl;
+pub mod upstream;
 
 use redis_module::configuration::ConfigurationFlags;
-use redis_module::{redis_module, Context, RedisString, Status};
+use redis_module::{redis_module, Context, InfoContext, RedisResult, RedisString, Status};
 
 use config::*;
 
@@ -29,10 +35,45 @@ type Allocator = std::alloc::System;
 #[cfg(test)]
 const ALLOCATOR: Allocator = std::alloc::System;
 
-fn init(_ctx: &Context, _args: &[RedisString]) -> Status {
+fn init(ctx: &Context, _args: &[RedisString]) -> Status {
     let seed = ttl::now_ms() ^ (std::process::id() as u64).rotate_left(32);
     cmd::JITTER_RNG.reseed(seed);
+    upstream::reload_api_key();
+    if let Err(e) = pool::start(WORKERS.get_u64() as usize, QUEUE_SIZE.get_u64() as usize) {
+        ctx.log_warning(&errors::sanitize(&e));
+        return Status::Err;
+    }
+    ffi::on_shutdown(ctx, shutdown);
     Status::Ok
+}
+
+/// Every waiter hears back before the process goes; workers stop retrying.
+fn shutdown() {
+    pool::halt();
+    fetch::abandon_all("ERR aicache is shutting down");
+}
+
+/// MODULE UNLOAD: Redis refuses it while a client is blocked, so no fill is
+/// waiting for the lock here; join the workers before the code goes away.
+fn deinit(_ctx: &Context) -> Status {
+    pool::stop();
+    fetch::abandon_all("ERR aicache is unloading");
+    Status::Ok
+}
+
+#[linkme::distributed_slice(redis_module::server_events::INFO_COMMAND_HANDLER_LIST)]
+fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
+    let mut section = ctx.builder().add_section("fills");
+    for (name, value) in stats::STATS.fields() {
+        section = section.field(name, value)?;
+    }
+    section
+        .field("fills_in_flight", fetch::fills_in_flight() as u64)?
+        .field("queue_depth", pool::queue_depth() as u64)?
+        .field("workers", pool::workers() as u64)?
+        .build_section()?
+        .build_info()?;
+    Ok(())
 }
 
 redis_module! {
@@ -41,6 +82,7 @@ redis_module! {
     allocator: (Allocator, ALLOCATOR),
     data_types: [],
     init: init,
+    deinit: deinit,
     commands: [
         ["embcache.set", embcache::set, "write deny-oom", 1, 1, 1, "", "write"],
         ["embcache.mset", embcache::mset, "write deny-oom", 1, 1, 1, "", "write"],
@@ -52,6 +94,10 @@ redis_module! {
         ["llmcache.get", llmcache::get, "readonly", 1, 1, 1, "", "read"],
         ["llmcache.del", llmcache::del, "write", 1, 1, 1, "", "write"],
         ["llmcache.key", llmcache::key, "readonly", 1, 1, 1, "", "read"],
+        // FETCH is readonly to Redis so replicas serve its hits; its fills
+        // write from workers, hence the write ACL category.
+        ["embcache.fetch", embcache::fetch, "readonly", 1, 1, 1, "", "write"],
+        ["llmcache.fetch", llmcache::fetch, "readonly", 1, 1, 1, "", "write"],
     ],
     configurations: [
         i64: [
@@ -62,13 +108,33 @@ redis_module! {
             ["fixed-dims", &FIXED_DIMS, FIXED_DIMS.default, FIXED_DIMS.min, FIXED_DIMS.max, ConfigurationFlags::DEFAULT, None],
             ["max-request-bytes", &MAX_REQUEST_BYTES, MAX_REQUEST_BYTES.default, MAX_REQUEST_BYTES.min, MAX_REQUEST_BYTES.max, ConfigurationFlags::DEFAULT, None],
             ["max-response-bytes", &MAX_RESPONSE_BYTES, MAX_RESPONSE_BYTES.default, MAX_RESPONSE_BYTES.min, MAX_RESPONSE_BYTES.max, ConfigurationFlags::DEFAULT, None],
+            ["workers", &WORKERS, WORKERS.default, WORKERS.min, WORKERS.max, ConfigurationFlags::IMMUTABLE, None],
+            ["queue-size", &QUEUE_SIZE, QUEUE_SIZE.default, QUEUE_SIZE.min, QUEUE_SIZE.max, ConfigurationFlags::IMMUTABLE, None],
+            ["max-fills", &MAX_FILLS, MAX_FILLS.default, MAX_FILLS.min, MAX_FILLS.max, ConfigurationFlags::DEFAULT, None],
+            ["batch-size", &BATCH_SIZE, BATCH_SIZE.default, BATCH_SIZE.min, BATCH_SIZE.max, ConfigurationFlags::DEFAULT, None],
+            ["lease-ms", &LEASE_MS, LEASE_MS.default, LEASE_MS.min, LEASE_MS.max, ConfigurationFlags::DEFAULT, None],
+            ["wait-timeout-ms", &WAIT_TIMEOUT_MS, WAIT_TIMEOUT_MS.default, WAIT_TIMEOUT_MS.min, WAIT_TIMEOUT_MS.max, ConfigurationFlags::DEFAULT, None],
+            ["upstream-connect-timeout-ms", &CONNECT_TIMEOUT_MS, CONNECT_TIMEOUT_MS.default, CONNECT_TIMEOUT_MS.min, CONNECT_TIMEOUT_MS.max, ConfigurationFlags::DEFAULT, None],
+            ["upstream-timeout-ms", &ATTEMPT_TIMEOUT_MS, ATTEMPT_TIMEOUT_MS.default, ATTEMPT_TIMEOUT_MS.min, ATTEMPT_TIMEOUT_MS.max, ConfigurationFlags::DEFAULT, None],
+            ["upstream-max-bytes", &UPSTREAM_MAX_BYTES, UPSTREAM_MAX_BYTES.default, UPSTREAM_MAX_BYTES.min, UPSTREAM_MAX_BYTES.max, ConfigurationFlags::DEFAULT, None],
+            ["upstream-retries", &RETRIES, RETRIES.default, RETRIES.min, RETRIES.max, ConfigurationFlags::DEFAULT, None],
+            ["upstream-backoff-base-ms", &BACKOFF_BASE_MS, BACKOFF_BASE_MS.default, BACKOFF_BASE_MS.min, BACKOFF_BASE_MS.max, ConfigurationFlags::DEFAULT, None],
+            ["upstream-backoff-cap-ms", &BACKOFF_CAP_MS, BACKOFF_CAP_MS.default, BACKOFF_CAP_MS.min, BACKOFF_CAP_MS.max, ConfigurationFlags::DEFAULT, None],
         ],
         string: [
             ["key-prefix", &KEY_PREFIX, DEFAULT_KEY_PREFIX, ConfigurationFlags::DEFAULT, None],
+            // Where requests and the key go is the admin's call: PROTECTED
+            // refuses CONFIG SET unless enable-protected-configs allows it.
+            ["upstream-url", &UPSTREAM_URL, DEFAULT_UPSTREAM_URL, ConfigurationFlags::PROTECTED, None],
+            ["upstream-embeddings-url", &EMBEDDINGS_URL, "", ConfigurationFlags::PROTECTED, None],
+            ["upstream-chat-url", &CHAT_URL, "", ConfigurationFlags::PROTECTED, None],
+            ["api-key-env", &API_KEY_ENV, "OPENAI_API_KEY", ConfigurationFlags::PROTECTED, None],
+            ["api-key-file", &API_KEY_FILE, "", ConfigurationFlags::PROTECTED, None],
         ],
         bool: [
             ["normalize-whitespace", &NORMALIZE_WHITESPACE, false, ConfigurationFlags::DEFAULT, None],
             ["cache-sampled", &CACHE_SAMPLED, true, ConfigurationFlags::DEFAULT, None],
+            ["upstream-base64", &UPSTREAM_BASE64, true, ConfigurationFlags::DEFAULT, None],
         ],
         enum: [],
         module_args_as_configuration: true,

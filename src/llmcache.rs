@@ -1,12 +1,18 @@
 //! LLMCACHE.* command handlers. A request is keyed by its canonical form
 //! (see canon.rs); a response is stored byte for byte once validated.
 
+use std::sync::Arc;
+
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
-use crate::canon::{canonical_request, validate_response};
-use crate::cmd::{check_len, ex_option, expire_at, namespace};
+use crate::canon::{canonical_request, upstream_body, validate_response};
+use crate::cmd::{check_len, ex_option, expire_at, fetch_options, namespace};
 use crate::config::Settings;
+use crate::embcache::fill_key;
+use crate::fetch::{self, Misses, Shape};
 use crate::ffi::{self, error};
+use crate::fill::{Job, LlmJob, Store};
+use crate::stats::STATS;
 
 /// Validates `args[1]` (ns) and `args[2]` (request) and returns the entry key
 /// plus the request's effective temperature.
@@ -80,4 +86,52 @@ pub fn key(_ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let cfg = Settings::snapshot();
     let (key, _) = request_key(&cfg, &args)?;
     Ok(RedisValue::StringBuffer(key))
+}
+
+/// LLMCACHE.FETCH ns request [TIMEOUT ms] [REFRESH] [NOSTORE] [EX seconds]
+pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    if args.len() < 3 {
+        return Err(RedisError::WrongArity);
+    }
+    let cfg = Settings::snapshot();
+    let opts = fetch_options(&args[3..], false, 0)?;
+    let (key, temperature) = request_key(&cfg, &args)?;
+    let body = upstream_body(args[2].as_slice()).map_err(error)?;
+    // A sampled answer is still fetched for the caller, just not kept.
+    let nostore = opts.nostore || (temperature > 0.0 && !cfg.cache_sampled);
+    if !opts.refresh {
+        let hit = ffi::with_string(ctx, &key, |v| v.map(Arc::<[u8]>::from))?;
+        if let Some(v) = hit {
+            STATS.hits.incr();
+            return Ok(ffi::send_now(ctx, ffi::Reply::Bulk(v)));
+        }
+    }
+    STATS.misses.incr();
+    fetch::check_can_fill(ctx, 1)?;
+    let misses = Misses {
+        entries: vec![(fill_key(&key, nostore), 0)],
+    };
+    let timeout = opts.timeout_ms.unwrap_or(cfg.wait_timeout_ms);
+    let Some(started) = fetch::begin(ctx, vec![None], Shape::Single, misses, timeout) else {
+        return Ok(RedisValue::NoReply);
+    };
+    let jobs = started
+        .into_iter()
+        .map(|(_, id)| {
+            Job::Llm(Box::new(LlmJob {
+                pending: fetch::pending(vec![id]),
+                url: crate::config::chat_url(),
+                body: body.clone(),
+                key: key.clone(),
+                max_bytes: cfg.max_response_bytes,
+                store: (!nostore).then(|| Store {
+                    db: ffi::selected_db(ctx),
+                    ttl_secs: cfg.ttl_secs(opts.ex),
+                    jitter_pct: cfg.jitter_pct,
+                }),
+            }))
+        })
+        .collect();
+    fetch::submit(jobs);
+    Ok(RedisValue::NoReply)
 }

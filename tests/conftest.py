@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from helpers import DEFAULT_CONFIGS, Server
+from helpers import DEFAULT_CONFIGS, Server, Upstream, info_fields, wait_for
 
 
 def reset_configs(c):
@@ -34,3 +34,38 @@ def vec(*xs):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+API_KEY = "sk-aicache-test-0123456789abcdef"
+# Fast retries so fault tests finish quickly; everything else at defaults.
+FILL_CONFIGS = {"aicache.upstream-backoff-base-ms": "5", "aicache.upstream-backoff-cap-ms": "50"}
+
+
+@pytest.fixture(scope="session")
+def upstream():
+    u = Upstream()
+    yield u
+    u.stop()
+
+
+@pytest.fixture(scope="module")
+def fserver(upstream):
+    s = Server(module_args=["upstream-url", upstream.url], env={"OPENAI_API_KEY": API_KEY})
+    yield s
+    alive = s.proc.poll() is None
+    s.stop()
+    assert alive, "redis-server died during the fill tests"
+
+
+@pytest.fixture
+def f(fserver, upstream):
+    """A client of a server whose upstream is the fake, both reset."""
+    c = fserver.client()
+    # A fill left running by the previous test would skew the counters.
+    wait_for(lambda: info_fields(c)["fills_in_flight"] == 0, what="previous fills to finish")
+    c.flushall()
+    upstream.reset()
+    c.execute_command("CONFIG", "SET", *[x for kv in FILL_CONFIGS.items() for x in kv])
+    yield c
+    reset_configs(c)
+    c.close()

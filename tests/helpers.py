@@ -23,6 +23,27 @@ DEFAULT_CONFIGS = {
     "aicache.max-request-bytes": str(1 << 20),
     "aicache.max-response-bytes": str(4 << 20),
     "aicache.cache-sampled": "yes",
+    "aicache.max-fills": "65536",
+    "aicache.batch-size": "100",
+    "aicache.lease-ms": "60000",
+    "aicache.wait-timeout-ms": "60000",
+    "aicache.upstream-connect-timeout-ms": "5000",
+    "aicache.upstream-timeout-ms": "30000",
+    "aicache.upstream-max-bytes": str(64 << 20),
+    "aicache.upstream-retries": "2",
+    "aicache.upstream-backoff-base-ms": "200",
+    "aicache.upstream-backoff-cap-ms": "5000",
+    "aicache.upstream-base64": "yes",
+}
+# Fixed at load or admin-only (PROTECTED): not reset between tests.
+LOAD_TIME_CONFIGS = {
+    "aicache.workers": "8",
+    "aicache.queue-size": "1024",
+    "aicache.upstream-url": "https://api.openai.com/v1",
+    "aicache.upstream-embeddings-url": "",
+    "aicache.upstream-chat-url": "",
+    "aicache.api-key-env": "OPENAI_API_KEY",
+    "aicache.api-key-file": "",
 }
 
 
@@ -45,7 +66,7 @@ def wait_for(predicate, timeout=10.0, what="condition"):
 
 
 class Server:
-    def __init__(self, module_args=(), extra=(), load_module=True):
+    def __init__(self, module_args=(), extra=(), load_module=True, env=None):
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="aicache-test-")
         self.log = os.path.join(self.dir, "redis.log")
@@ -55,7 +76,10 @@ class Server:
         if load_module:
             cmd += ["--loadmodule", MODULE, *map(str, module_args)]
         cmd += list(map(str, extra))
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        full_env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env=full_env)
         try:
             wait_for(self._ready, what=f"redis-server on port {self.port}")
         except AssertionError:
@@ -128,3 +152,79 @@ def entry_key(ns: bytes, model: bytes, text: bytes, prefix=b"aicache:") -> bytes
 
     enc = b"".join(len(f).to_bytes(8, "big") + f for f in (b"emb:v1", ns, model, text))
     return prefix + b"emb:v1:{" + tag(ns) + b"}:" + hashlib.sha256(enc).hexdigest().encode()
+
+
+class Upstream:
+    """tests/fake_upstream.py in its own process, driven over HTTP."""
+
+    def __init__(self):
+        import sys
+        self.port = free_port()
+        script = os.path.join(ROOT, "tests", "fake_upstream.py")
+        self.proc = subprocess.Popen([sys.executable, script, "--port", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        wait_for(self._ready, what="fake upstream")
+
+    def _ready(self):
+        if self.proc.poll() is not None:
+            raise AssertionError("fake upstream exited")
+        try:
+            self.stats()
+            return True
+        except OSError:
+            return False
+
+    def _post(self, path, obj):
+        import json
+        import urllib.request
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}",
+                                     data=json.dumps(obj).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def stats(self):
+        import json
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/_stats", timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def calls(self, kind=None):
+        s = self.stats()
+        return s["total_calls"] if kind is None else s["calls"][kind]
+
+    def reset(self):
+        self._post("/_reset", {})
+
+    def fault(self, kind, times=1, **kw):
+        self._post("/_fault", {"kind": kind, "times": times, **kw})
+
+    def latency(self, ms):
+        self._post("/_latency", {"ms": ms})
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def info_fields(client, section="aicache"):
+    """The module's INFO counters as ints."""
+    raw = client.execute_command("INFO", section)
+    if isinstance(raw, bytes):
+        raw = raw.decode()
+    if isinstance(raw, dict):
+        return {k[len("aicache_"):] if k.startswith("aicache_") else k: v for k, v in raw.items()}
+    out = {}
+    for line in raw.splitlines():
+        if ":" in line and not line.startswith("#"):
+            k, v = line.split(":", 1)
+            k = k[len("aicache_"):] if k.startswith("aicache_") else k
+            try:
+                out[k] = int(v)
+            except ValueError:
+                out[k] = v
+    return out

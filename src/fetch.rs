@@ -1,0 +1,302 @@
+//! The life of a FETCH miss: the call blocks, each missing entry joins or
+//! starts a fill in the single-flight registry, and each fill's result is
+//! handed to every call waiting on it. A call replies once, when its last
+//! entry arrives or its first error does.
+
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+
+use redis_module::{Context, ContextFlags, RedisError};
+
+use crate::ffi::{self, Blocked, Reply};
+use crate::fill::Job;
+use crate::inflight::{Join, Registry};
+use crate::pool::{self, Refused};
+use crate::stats::STATS;
+
+pub type FillResult = Result<Arc<[u8]>, Arc<str>>;
+
+/// One blocked call and what it has received so far.
+pub struct Call {
+    state: Mutex<CallState>,
+}
+
+struct CallState {
+    blocked: Option<Blocked>,
+    /// One slot per distinct entry; hits arrive filled.
+    slots: Vec<Option<Arc<[u8]>>>,
+    missing: usize,
+    shape: Shape,
+}
+
+/// How a complete call renders its slots.
+pub enum Shape {
+    /// One vector per input; `order[i]` is the slot of input `i`.
+    Vectors { order: Vec<usize>, json: bool },
+    /// A single bulk string (the LLM response).
+    Single,
+}
+
+pub struct Waiter {
+    call: Arc<Call>,
+    slot: usize,
+}
+
+static REGISTRY: LazyLock<Mutex<Registry<Waiter>>> =
+    LazyLock::new(|| Mutex::new(Registry::new(65_536, 60_000)));
+
+fn registry() -> MutexGuard<'static, Registry<Waiter>> {
+    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn fills_in_flight() -> usize {
+    registry().len()
+}
+
+impl Call {
+    fn lock(&self) -> MutexGuard<'_, CallState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn deliver(&self, slot: usize, result: &FillResult) {
+        let mut st = self.lock();
+        if st.blocked.is_none() {
+            return;
+        }
+        match result {
+            Err(e) => {
+                let b = st.blocked.take();
+                drop(st);
+                if let Some(b) = b {
+                    b.unblock(Reply::Error(e.to_string()));
+                }
+            }
+            Ok(v) => {
+                if let Some(s) = st.slots.get_mut(slot) {
+                    if s.is_none() {
+                        *s = Some(v.clone());
+                        st.missing -= 1;
+                    }
+                }
+                if st.missing == 0 {
+                    let b = st.blocked.take();
+                    let reply = render(&mut st);
+                    drop(st);
+                    if let Some(b) = b {
+                        b.unblock(reply);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fails the call at once (queue full, too many fills).
+    fn fail(&self, msg: &str) {
+        self.deliver(0, &Err(Arc::from(msg)));
+    }
+}
+
+fn render(st: &mut CallState) -> Reply {
+    let slots: Vec<Arc<[u8]>> = st
+        .slots
+        .iter()
+        .map(|s| s.clone().unwrap_or_else(|| Arc::from(&b""[..])))
+        .collect();
+    match &st.shape {
+        Shape::Single => Reply::Bulk(
+            slots
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| Arc::from(&b""[..])),
+        ),
+        Shape::Vectors { order, json } => {
+            Reply::Vectors(order.iter().map(|&i| slots[i].clone()).collect(), *json)
+        }
+    }
+}
+
+/// Fills this job must answer for. Dropping it unanswered (a panic in a
+/// worker, a job dropped at shutdown) fails them, so no waiter is left behind.
+pub struct Pending {
+    ids: Vec<u64>,
+}
+
+impl Pending {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Completes fill `i` of this job with `results[i]`.
+    pub fn finish(mut self, results: Vec<FillResult>) {
+        let ids = std::mem::take(&mut self.ids);
+        complete(ids.into_iter().zip(results));
+    }
+
+    pub fn fail(mut self, msg: &str) {
+        let err: Arc<str> = Arc::from(msg);
+        let ids = std::mem::take(&mut self.ids);
+        complete(ids.into_iter().map(|id| (id, Err(err.clone()))));
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.ids.is_empty() {
+            let ids = std::mem::take(&mut self.ids);
+            let err: Arc<str> = Arc::from("ERR internal error: the fill was abandoned");
+            complete(ids.into_iter().map(|id| (id, Err(err.clone()))));
+        }
+    }
+}
+
+fn complete(results: impl Iterator<Item = (u64, FillResult)>) {
+    let mut handed: Vec<(Vec<Waiter>, FillResult)> = Vec::new();
+    {
+        let mut reg = registry();
+        for (id, r) in results {
+            handed.push((reg.complete(id), r));
+        }
+    }
+    // Outside the registry lock: a reply may be large to build.
+    for (waiters, r) in handed {
+        for w in waiters {
+            w.call.deliver(w.slot, &r);
+        }
+    }
+}
+
+/// The missing entries of one call, to be joined to fills.
+pub struct Misses {
+    /// (fill key, slot) per missing entry.
+    pub entries: Vec<(Vec<u8>, usize)>,
+}
+
+/// Blocks the client and joins every missing entry to a fill. Returns the
+/// fills this call must start, as (slot, id); the registry's waiters keep
+/// the call alive. None when the call has
+/// already been answered (it could not block or the registry is full).
+pub fn begin(
+    ctx: &Context,
+    slots: Vec<Option<Arc<[u8]>>>,
+    shape: Shape,
+    misses: Misses,
+    timeout_ms: u64,
+) -> Option<Vec<(usize, u64)>> {
+    let Some(blocked) = Blocked::new(ctx, timeout_ms) else {
+        ffi::send_now(
+            ctx,
+            Reply::Error("ERR this client cannot be blocked".into()),
+        );
+        return None;
+    };
+    let call = Arc::new(Call {
+        state: Mutex::new(CallState {
+            blocked: Some(blocked),
+            missing: slots.iter().filter(|s| s.is_none()).count(),
+            slots,
+            shape,
+        }),
+    });
+    let now = crate::ttl::now_ms();
+    let mut started = Vec::new();
+    let mut full = false;
+    {
+        let mut reg = registry();
+        reg.set_limits(
+            crate::config::MAX_FILLS.get_u64() as usize,
+            crate::config::LEASE_MS.get_u64(),
+        );
+        for (key, slot) in misses.entries {
+            let waiter = Waiter {
+                call: call.clone(),
+                slot,
+            };
+            match reg.join(&key, now, waiter) {
+                Join::Start(id) => started.push((slot, id)),
+                Join::Wait(_) => STATS.coalesced_waiters.incr(),
+                Join::Full => {
+                    full = true;
+                    break;
+                }
+            }
+        }
+    }
+    if full {
+        STATS.fill_capacity_errors.incr();
+        let msg = format!(
+            "ERR too many fills in flight (aicache.max-fills {})",
+            crate::config::MAX_FILLS.get_u64()
+        );
+        call.fail(&msg);
+        Pending {
+            ids: started.iter().map(|&(_, id)| id).collect(),
+        }
+        .fail(&msg);
+        return None;
+    }
+    STATS.fills_started.add(started.len() as u64);
+    Some(started)
+}
+
+/// The answer-or-fail obligation for a group of started fills.
+pub fn pending(ids: Vec<u64>) -> Pending {
+    Pending { ids }
+}
+
+/// Shutdown: every waiter gets an error now.
+pub fn abandon_all(msg: &str) {
+    let waiters = registry().drain();
+    let err: FillResult = Err(Arc::from(msg));
+    for w in waiters {
+        w.call.deliver(w.slot, &err);
+    }
+}
+
+/// Replies at once with a call's result when nothing is missing.
+pub fn reply_complete(ctx: &Context, mut slots: Vec<Option<Arc<[u8]>>>, shape: Shape) {
+    let mut st = CallState {
+        blocked: None,
+        missing: 0,
+        slots: std::mem::take(&mut slots),
+        shape,
+    };
+    ffi::send_now(ctx, render(&mut st));
+}
+
+/// Misses need a real block and a master that may write; anything else
+/// is answered now, before any fill starts.
+pub fn check_can_fill(ctx: &Context, misses: usize) -> Result<(), RedisError> {
+    let flags = ctx.get_flags();
+    if flags.intersects(ContextFlags::MULTI | ContextFlags::LUA | ContextFlags::DENY_BLOCKING) {
+        return Err(ffi::error(format!(
+            "ERR {misses} cache miss(es) and this context cannot block (MULTI, script or module \
+             call); run FETCH on its own or read with GET"
+        )));
+    }
+    if !flags.contains(ContextFlags::MASTER) {
+        return Err(ffi::error(format!(
+            "ERR {misses} cache miss(es) on a replica; fills run on the master"
+        )));
+    }
+    if flags.contains(ContextFlags::OOM) {
+        return Err(ffi::error(format!(
+            "ERR {misses} cache miss(es) and Redis is over maxmemory; not filling"
+        )));
+    }
+    Ok(())
+}
+
+/// Queues every job; a refused job fails its fills with the reason.
+pub fn submit(jobs: Vec<Job>) {
+    for job in jobs {
+        if let Err((job, why)) = pool::submit(job) {
+            let msg = match why {
+                Refused::Full(n) => {
+                    STATS.queue_full_errors.incr();
+                    format!("ERR upstream queue is full (aicache.queue-size {n}); try again later")
+                }
+                Refused::Stopped => "ERR aicache worker pool is not running".to_string(),
+            };
+            job.fail(&msg);
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! The worker pool: fixed threads fed by a bounded channel. A full channel
+//! is an immediate error for the caller; a panicking job is caught, and its
+//! `Pending` guard answers its waiters while the stack unwinds.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use ureq::Agent;
+
+use crate::stats::STATS;
+
+pub use crate::fill::Job;
+
+struct Pool {
+    tx: Sender<Job>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+static POOL: Mutex<Option<Pool>> = Mutex::new(None);
+/// Set at shutdown and unload: workers stop retrying and sleeping.
+pub static STOPPING: AtomicBool = AtomicBool::new(false);
+
+fn pool() -> std::sync::MutexGuard<'static, Option<Pool>> {
+    POOL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn start(workers: usize, queue: usize) -> Result<(), String> {
+    let (tx, rx) = bounded::<Job>(queue);
+    let agent = crate::upstream::agent(workers);
+    let mut threads = Vec::with_capacity(workers);
+    for i in 0..workers {
+        let rx: Receiver<Job> = rx.clone();
+        let agent = agent.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("aicache-w{i}"))
+            .spawn(move || work(rx, agent))
+            .map_err(|e| format!("cannot start worker thread: {e}"))?;
+        threads.push(t);
+    }
+    STOPPING.store(false, Ordering::Relaxed);
+    *pool() = Some(Pool { tx, threads });
+    Ok(())
+}
+
+fn work(rx: Receiver<Job>, agent: Agent) {
+    while let Ok(job) = rx.recv() {
+        if catch_unwind(AssertUnwindSafe(|| job.run(&agent, &STOPPING))).is_err() {
+            STATS.worker_panics.incr();
+        }
+    }
+}
+
+pub enum Refused {
+    Full(usize),
+    Stopped,
+}
+
+/// Queues `job` without waiting. On refusal the job comes back unrun.
+pub fn submit(job: Job) -> Result<(), (Job, Refused)> {
+    let guard = pool();
+    let Some(p) = guard.as_ref() else {
+        return Err((job, Refused::Stopped));
+    };
+    match p.tx.try_send(job) {
+        Ok(()) => Ok(()),
+        Err(TrySendError::Full(job)) => Err((job, Refused::Full(p.tx.capacity().unwrap_or(0)))),
+        Err(TrySendError::Disconnected(job)) => Err((job, Refused::Stopped)),
+    }
+}
+
+pub fn queue_depth() -> usize {
+    pool().as_ref().map_or(0, |p| p.tx.len())
+}
+
+pub fn workers() -> usize {
+    pool().as_ref().map_or(0, |p| p.threads.len())
+}
+
+/// Closes the queue and joins every worker. Jobs still queued are dropped
+/// unrun, which fails their fills. Call without the Redis lock held by a
+/// worker's pending write: only at unload, when no client is blocked.
+pub fn stop() {
+    STOPPING.store(true, Ordering::Relaxed);
+    let Some(p) = pool().take() else { return };
+    drop(p.tx);
+    for t in p.threads {
+        let _ = t.join();
+    }
+}
+
+/// Shutdown: stop retries and empty the queue, without joining (a worker
+/// may be waiting for the Redis lock the shutting-down main thread holds).
+pub fn halt() {
+    STOPPING.store(true, Ordering::Relaxed);
+    if let Some(p) = pool().take() {
+        drop(p.tx);
+    }
+}

@@ -1,0 +1,329 @@
+//! HTTP to the OpenAI-compatible upstream: one shared keep-alive agent, a
+//! total deadline per attempt, bounded bodies, no redirects, and retries by
+//! the policy in retry.rs. Runs on worker threads only, never under the
+//! Redis lock.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use ureq::Agent;
+
+use crate::config::{self, Bounded};
+use crate::errors::sanitize;
+use crate::retry::{parse_retry_after, Outcome, Policy};
+use crate::stats::STATS;
+
+/// Longest piece of upstream error text passed on to clients.
+const MAX_UPSTREAM_MESSAGE: usize = 200;
+/// Error bodies are read only this far.
+const MAX_ERROR_BODY: u64 = 64 * 1024;
+
+static API_KEY: RwLock<Option<String>> = RwLock::new(None);
+
+/// Re-reads the key from `api-key-file`, or else from the environment
+/// variable named by `api-key-env`. Never logs or returns it.
+pub fn reload_api_key() {
+    let file = config::API_KEY_FILE.get_string();
+    let key = if file.is_empty() {
+        let name = config::API_KEY_ENV.get_string();
+        std::env::var(if name.is_empty() {
+            "OPENAI_API_KEY"
+        } else {
+            &name
+        })
+        .ok()
+    } else {
+        std::fs::read_to_string(&file).ok()
+    };
+    let key = key
+        .map(|k| k.trim().to_string())
+        .filter(|k| !k.is_empty() && k.bytes().all(|b| (0x21..0x7f).contains(&b)));
+    *API_KEY.write().unwrap_or_else(|e| e.into_inner()) = key;
+}
+
+fn api_key() -> Option<String> {
+    API_KEY.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Removes the key, and anything shaped like an OpenAI key, from text an
+/// upstream sent back: some providers echo the (masked) key in 401 bodies.
+pub fn scrub(text: &str, key: Option<&str>) -> String {
+    let text = match key {
+        Some(k) if !k.is_empty() => text.replace(k, "[redacted]"),
+        _ => text.to_string(),
+    };
+    text.split(' ')
+        .map(|w| if w.contains("sk-") { "[redacted]" } else { w })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Why a call to the upstream failed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failure {
+    Connect(String),
+    Timeout(u64),
+    Status(u16, String),
+    TooLarge(u64),
+    /// The request could not be built (bad URL): retrying cannot help.
+    Request(String),
+    /// HTTP 200 whose body fails validation.
+    Invalid(String),
+    Stopped,
+}
+
+impl Failure {
+    /// The client-facing error: printable ASCII, bounded, key-free.
+    pub fn message(&self) -> String {
+        let m = match self {
+            Failure::Connect(e) => format!("ERR upstream connection failed: {e}"),
+            Failure::Timeout(ms) => format!(
+                "ERR upstream timed out after {ms} ms (aicache.upstream-timeout-ms, lease-ms)"
+            ),
+            Failure::Status(code, _) if (300..400).contains(code) => {
+                format!("ERR upstream returned HTTP {code}; redirects are not followed")
+            }
+            Failure::Status(code, msg) => format!("ERR upstream returned HTTP {code}: {msg}"),
+            Failure::TooLarge(n) => {
+                format!("ERR upstream response is larger than aicache.upstream-max-bytes {n}")
+            }
+            Failure::Request(e) => format!("ERR upstream request could not be built: {e}"),
+            Failure::Invalid(e) => format!("ERR upstream returned an invalid response: {e}"),
+            Failure::Stopped => "ERR aicache is shutting down".to_string(),
+        };
+        sanitize(&scrub(&m, api_key().as_deref()))
+    }
+
+    pub fn count(&self) {
+        let c = match self {
+            Failure::Connect(_) | Failure::Request(_) => &STATS.upstream_errors_connect,
+            Failure::Timeout(_) => &STATS.upstream_errors_timeout,
+            Failure::Status(429, _) => &STATS.upstream_errors_http_429,
+            Failure::Status(s, _) if *s >= 500 => &STATS.upstream_errors_http_5xx,
+            Failure::Status(..) => &STATS.upstream_errors_http_4xx,
+            Failure::TooLarge(_) => &STATS.upstream_errors_too_large,
+            Failure::Invalid(_) => &STATS.upstream_errors_invalid,
+            Failure::Stopped => return,
+        };
+        c.incr();
+    }
+
+    fn outcome(&self) -> Option<Outcome> {
+        match self {
+            Failure::Connect(_) => Some(Outcome::Connect),
+            Failure::Timeout(_) => Some(Outcome::Timeout),
+            Failure::Status(s, _) => Some(Outcome::Status(*s)),
+            _ => None,
+        }
+    }
+}
+
+/// The shared agent: connections are kept alive and reused by every worker.
+pub fn agent(workers: usize) -> Agent {
+    Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .max_idle_connections(workers * 2)
+        .max_idle_connections_per_host(workers)
+        .user_agent("aicache/0.1")
+        .build()
+        .into()
+}
+
+fn ms(b: &Bounded) -> Duration {
+    Duration::from_millis(b.get_u64())
+}
+
+/// POSTs `body` to `url` with retries until it succeeds, fails for good, or
+/// `deadline` passes. Returns the 200 response body.
+pub fn post(
+    agent: &Agent,
+    url: &str,
+    body: &[u8],
+    deadline: Instant,
+    stopping: &AtomicBool,
+) -> Result<Vec<u8>, Failure> {
+    let policy = Policy {
+        retries: config::RETRIES.get_u64() as u32,
+        base: ms(&config::BACKOFF_BASE_MS),
+        cap: ms(&config::BACKOFF_CAP_MS),
+    };
+    let key = api_key();
+    let mut retry = 0;
+    loop {
+        if stopping.load(Ordering::Relaxed) {
+            return Err(Failure::Stopped);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let budget = ms(&config::ATTEMPT_TIMEOUT_MS).min(left);
+        if budget.is_zero() {
+            return Err(Failure::Timeout(0));
+        }
+        STATS.upstream_requests.incr();
+        let (failure, retry_after) = match attempt(agent, url, body, key.as_deref(), budget) {
+            Ok(bytes) => return Ok(bytes),
+            Err(e) => e,
+        };
+        failure.count();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let wait = failure.outcome().and_then(|o| {
+            policy.next_wait(&o, retry, retry_after, left, crate::cmd::JITTER_RNG.next())
+        });
+        let Some(wait) = wait else {
+            return Err(failure);
+        };
+        retry += 1;
+        STATS.upstream_retries.incr();
+        sleep_unless_stopping(wait, stopping);
+    }
+}
+
+/// Sleeps in short steps so unload and shutdown are not held up by a long
+/// `Retry-After`.
+fn sleep_unless_stopping(wait: Duration, stopping: &AtomicBool) {
+    let until = Instant::now() + wait;
+    while !stopping.load(Ordering::Relaxed) {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(50)));
+    }
+}
+
+type AttemptError = (Failure, Option<Duration>);
+
+fn attempt(
+    agent: &Agent,
+    url: &str,
+    body: &[u8],
+    key: Option<&str>,
+    budget: Duration,
+) -> Result<Vec<u8>, AttemptError> {
+    let budget_ms = budget.as_millis() as u64;
+    let mut req = agent
+        .post(url)
+        .config()
+        .timeout_global(Some(budget))
+        .timeout_connect(Some(ms(&config::CONNECT_TIMEOUT_MS).min(budget)))
+        .build()
+        .header("Content-Type", "application/json");
+    if let Some(k) = key {
+        req = req.header("Authorization", format!("Bearer {k}"));
+    }
+    let mut resp = req.send(body).map_err(|e| (classify(e, budget_ms), None))?;
+    let status = resp.status().as_u16();
+    if status == 200 {
+        let max = config::UPSTREAM_MAX_BYTES.get_u64();
+        return resp
+            .body_mut()
+            .with_config()
+            .limit(max)
+            .read_to_vec()
+            .map_err(|e| (classify(e, budget_ms), None));
+    }
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, crate::ttl::now_ms() / 1000));
+    let text = resp
+        .body_mut()
+        .with_config()
+        .limit(MAX_ERROR_BODY)
+        .read_to_vec()
+        .unwrap_or_default();
+    Err((Failure::Status(status, error_text(&text, key)), retry_after))
+}
+
+fn classify(e: ureq::Error, budget_ms: u64) -> Failure {
+    match e {
+        ureq::Error::Timeout(_) => Failure::Timeout(budget_ms),
+        ureq::Error::BodyExceedsLimit(n) => Failure::TooLarge(n),
+        ureq::Error::BadUri(_) | ureq::Error::Http(_) | ureq::Error::RequireHttpsOnly(_) => {
+            Failure::Request(e.to_string())
+        }
+        other => Failure::Connect(other.to_string()),
+    }
+}
+
+/// The upstream's own explanation: `error.message` when the body is JSON,
+/// else the start of the body. Key-free, printable, bounded.
+pub fn error_text(body: &[u8], key: Option<&str>) -> String {
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let msg = parsed
+        .as_ref()
+        .and_then(|v| v.get("error"))
+        .and_then(|e| e.get("message").or(Some(e)))
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    let clean: String = scrub(&msg, key)
+        .chars()
+        .map(|c| if (' '..='~').contains(&c) { c } else { '?' })
+        .take(MAX_UPSTREAM_MESSAGE)
+        .collect();
+    if clean.trim().is_empty() {
+        "(no message)".into()
+    } else {
+        clean
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn it_takes_the_message_from_an_openai_error_body() {
+        let body = br#"{"error": {"message": "Rate limit reached", "type": "x"}}"#;
+        assert_eq!(error_text(body, None), "Rate limit reached");
+        assert_eq!(error_text(br#"{"error": "plain"}"#, None), "plain");
+        assert_eq!(error_text(b"Bad Gateway", None), "Bad Gateway");
+        assert_eq!(error_text(b"", None), "(no message)");
+    }
+
+    #[test]
+    fn it_makes_cjk_and_control_text_printable_and_bounded() {
+        let body = "{\"error\": {\"message\": \"\u{4e00}\u{4e01} bad\\r\\n\"}}";
+        assert_eq!(error_text(body.as_bytes(), None), "?? bad??");
+        let long = "x".repeat(10_000);
+        assert_eq!(
+            error_text(long.as_bytes(), None).len(),
+            MAX_UPSTREAM_MESSAGE
+        );
+    }
+
+    #[test]
+    fn it_never_repeats_the_key() {
+        let body =
+            br#"{"error": {"message": "Incorrect API key provided: sk-abc123. key=s3cr3t!"}}"#;
+        let t = error_text(body, Some("s3cr3t!"));
+        assert!(!t.contains("s3cr3t") && !t.contains("sk-abc"), "{t}");
+        assert!(t.contains("[redacted]"));
+        let f = Failure::Status(401, t);
+        assert!(f
+            .message()
+            .starts_with("ERR upstream returned HTTP 401: Incorrect API key"));
+    }
+
+    #[test]
+    fn it_names_each_failure() {
+        assert!(Failure::Status(302, "x".into())
+            .message()
+            .contains("redirects are not followed"));
+        assert!(Failure::Timeout(30)
+            .message()
+            .contains("timed out after 30 ms"));
+        assert!(Failure::TooLarge(9)
+            .message()
+            .contains("upstream-max-bytes 9"));
+        assert_eq!(Failure::Invalid("x".into()).outcome(), None);
+        assert_eq!(
+            Failure::Status(503, String::new()).outcome(),
+            Some(Outcome::Status(503))
+        );
+    }
+}

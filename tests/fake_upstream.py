@@ -1,0 +1,285 @@
+"""A small OpenAI-compatible upstream for tests, benchmarks and `make run`.
+
+POST /v1/embeddings        deterministic vectors: derived from (model, text),
+                           dimension from the model name (`...-d<N>`, else 8)
+                           or the request's `dimensions`
+POST /v1/chat/completions  a deterministic answer derived from the request
+POST /_fault               JSON: {"kind": ..., "times": n, ...} (see FAULTS)
+POST /_latency             JSON: {"ms": n}
+POST /_reset               clears faults, latency and counters
+GET  /_stats               counters: calls, inputs per call, API connections opened,
+                           peak concurrency, Authorization headers seen
+
+Run: python3 tests/fake_upstream.py --port 8089
+"""
+
+import argparse
+import base64
+import hashlib
+import json
+import re
+import socket
+import struct
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+FAULTS = {
+    "status",  # {"status": 503, "message": "...", "retry_after": "1"}
+    "malformed",  # 200 with a truncated JSON body
+    "wrong_count",  # one embedding fewer than inputs
+    "wrong_dim",  # the last embedding is one dimension short
+    "nan",  # a NaN literal in the vector (invalid JSON for strict parsers)
+    "overflow",  # 1e39: finite JSON, infinite as FP32
+    "oversized",  # {"bytes": n} of valid-looking JSON padding
+    "slow_drip",  # body one byte per {"interval_ms": n}
+    "reset",  # TCP reset before any response
+    "cjk_error",  # 400 with a CJK, CR/LF-laden message
+    "echo_auth",  # 401 whose message repeats the Authorization header
+    "length",  # chat: finish_reason "length"
+    "error_object",  # chat: 200 carrying an "error" object
+    "empty_choices",  # chat: 200 with "choices": []
+}
+
+
+class State:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self):
+        self.calls = {"embeddings": 0, "chat": 0}
+        self.inputs = []
+        self.connections = 0
+        self.active = 0
+        self.peak = 0
+        self.auth = []
+        self.faults = []
+        self.latency_ms = 0
+
+    def snapshot(self):
+        with self.lock:
+            return {
+                "calls": dict(self.calls),
+                "total_calls": sum(self.calls.values()),
+                "inputs": list(self.inputs),
+                "connections": self.connections,
+                "peak_concurrency": self.peak,
+                "auth": sorted(set(self.auth)),
+                "faults_left": len(self.faults),
+            }
+
+    def next_fault(self):
+        with self.lock:
+            if not self.faults:
+                return None
+            f = self.faults[0]
+            f["times"] = f.get("times", 1) - 1
+            if f["times"] <= 0:
+                self.faults.pop(0)
+            return f
+
+
+STATE = State()
+
+
+def vector(model, text, dims):
+    seed = hashlib.sha256(f"{model}\0{text}".encode()).digest()
+    out = []
+    while len(out) < dims:
+        seed = hashlib.sha256(seed).digest()
+        out.extend((b - 128) / 128.0 for b in seed)
+    return out[:dims]
+
+
+def model_dims(model):
+    m = re.search(r"-d(\d+)$", model)
+    return int(m.group(1)) if m else 8
+
+
+def chat_answer(req):
+    digest = hashlib.sha256(json.dumps(req, sort_keys=True).encode()).hexdigest()[:16]
+    return {
+        "id": "chatcmpl-" + digest,
+        "object": "chat.completion",
+        "model": req.get("model", ""),
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "answer " + digest},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+    }
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    api_connection = False
+
+    def send_json(self, status, obj=None, raw=None, headers=()):
+        body = raw if raw is not None else json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in headers:
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def read_body(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def do_GET(self):
+        if self.path == "/_stats":
+            return self.send_json(200, STATE.snapshot())
+        self.send_json(404, {"error": {"message": "not found"}})
+
+    def do_POST(self):
+        body = self.read_body()
+        if self.path == "/_reset":
+            with STATE.lock:
+                STATE.reset()
+            return self.send_json(200, {"ok": True})
+        if self.path == "/_fault":
+            f = json.loads(body)
+            assert f["kind"] in FAULTS, f
+            with STATE.lock:
+                STATE.faults.append(f)
+            return self.send_json(200, {"ok": True})
+        if self.path == "/_latency":
+            with STATE.lock:
+                STATE.latency_ms = json.loads(body)["ms"]
+            return self.send_json(200, {"ok": True})
+        kind = {"/v1/embeddings": "embeddings", "/v1/chat/completions": "chat"}.get(self.path)
+        if kind is None:
+            return self.send_json(404, {"error": {"message": "no such endpoint"}})
+        with STATE.lock:
+            # Connections that carried API calls, not test-control requests.
+            if not self.api_connection:
+                self.api_connection = True
+                STATE.connections += 1
+            STATE.calls[kind] += 1
+            STATE.active += 1
+            STATE.peak = max(STATE.peak, STATE.active)
+            STATE.auth.append(self.headers.get("Authorization", ""))
+            latency = STATE.latency_ms
+        try:
+            if latency:
+                time.sleep(latency / 1000.0)
+            req = json.loads(body)
+            fault = STATE.next_fault()
+            if fault and self.inject(fault):
+                return
+            if kind == "embeddings":
+                self.embeddings(req, fault)
+            else:
+                self.chat(req, fault)
+        finally:
+            with STATE.lock:
+                STATE.active -= 1
+
+    def inject(self, f):
+        """Sends a fault response; False when the fault shapes a normal answer."""
+        k = f["kind"]
+        if k == "status":
+            headers = [("Retry-After", f["retry_after"])] if "retry_after" in f else []
+            msg = f.get("message", "injected failure")
+            self.send_json(f["status"], {"error": {"message": msg}}, headers=headers)
+        elif k == "malformed":
+            self.send_json(200, raw=b'{"data": [{"index": 0, "embedding": [0.1,')
+        elif k == "oversized":
+            pad = "x" * f.get("bytes", 1 << 20)
+            self.send_json(200, raw=json.dumps({"data": [], "pad": pad}).encode())
+        elif k == "slow_drip":
+            raw = json.dumps({"data": []}).encode() + b" " * 200
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            for i in range(len(raw)):
+                self.wfile.write(raw[i : i + 1])
+                self.wfile.flush()
+                time.sleep(f.get("interval_ms", 100) / 1000.0)
+        elif k == "reset":
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+            self.close_connection = True
+        elif k == "cjk_error":
+            msg = "\u8bf7\u6c42\u9519\u8bef\r\n\u4e00 bad request \x00"
+            self.send_json(400, {"error": {"message": msg}})
+        elif k == "echo_auth":
+            auth = self.headers.get("Authorization", "")
+            self.send_json(401, {"error": {"message": "Incorrect API key provided: " + auth}})
+        else:
+            return False
+        return True
+
+    def embeddings(self, req, fault):
+        inputs = req["input"]
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        with STATE.lock:
+            STATE.inputs.append(len(inputs))
+        model = req["model"]
+        dims = req.get("dimensions") or model_dims(model)
+        b64 = req.get("encoding_format") == "base64"
+        kind = fault["kind"] if fault else None
+        data = []
+        for i, text in enumerate(inputs):
+            v = vector(model, text, dims)
+            if kind == "wrong_dim" and i == len(inputs) - 1:
+                v = v[:-1]
+            if kind == "overflow":
+                v[0] = 1e39
+            emb = base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if b64 and kind != "overflow" else v
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        if kind == "wrong_count":
+            data = data[:-1]
+        out = {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": len(inputs) * 2, "total_tokens": len(inputs) * 2},
+        }
+        raw = json.dumps(out).encode()
+        if kind == "nan":
+            raw = json.dumps({**out, "data": [{"index": 0, "embedding": [0.5]}]}).encode()
+            raw = raw.replace(b"0.5", b"NaN")
+        self.send_json(200, raw=raw)
+
+    def chat(self, req, fault):
+        out = chat_answer(req)
+        kind = fault["kind"] if fault else None
+        if kind == "length":
+            out["choices"][0]["finish_reason"] = "length"
+        elif kind == "error_object":
+            out["error"] = {"message": "model overloaded"}
+        elif kind == "empty_choices":
+            out["choices"] = []
+        self.send_json(200, out)
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024
+    allow_reuse_address = True
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, default=8089)
+    ap.add_argument("--host", default="127.0.0.1")
+    args = ap.parse_args()
+    srv = Server((args.host, args.port), Handler)
+    print(f"fake upstream on http://{args.host}:{args.port}/v1", flush=True)
+    srv.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
