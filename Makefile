@@ -42,7 +42,7 @@ unit: sysdeps ## cargo test (pure logic)
 	cargo test --release
 
 integration: build pydeps ## pytest against real redis-server processes
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -c tests/pytest.ini tests
 
 test: unit integration ## Unit tests, then the integration suite
 

@@ -300,3 +300,45 @@ pub fn submit(jobs: Vec<Job>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+
+    fn unblocked_call() -> Arc<Call> {
+        Arc::new(Call {
+            state: Mutex::new(CallState {
+                blocked: None,
+                slots: vec![None],
+                missing: 1,
+                shape: Shape::Single,
+            }),
+        })
+    }
+
+    #[test]
+    fn a_panicking_job_still_completes_its_fills() {
+        let call = unblocked_call();
+        let waiter = Waiter {
+            call: call.clone(),
+            slot: 0,
+        };
+        let Join::Start(id) = registry().join(b"test:panic", 0, waiter) else {
+            panic!("fresh key must start a fill")
+        };
+        let job = pending(vec![id]);
+        let r = catch_unwind(AssertUnwindSafe(move || {
+            let _owned = job;
+            panic!("worker bug");
+        }));
+        assert!(r.is_err());
+        // The waiter was handed back and dropped, and the key is free again.
+        assert_eq!(Arc::strong_count(&call), 1);
+        let again = Waiter { call, slot: 0 };
+        assert!(matches!(
+            registry().join(b"test:panic", 1, again),
+            Join::Start(_)
+        ));
+    }
+}

@@ -95,7 +95,11 @@ class Server:
             return False
 
     def client(self, protocol=2, **kw):
-        return redis.Redis(port=self.port, protocol=protocol, socket_timeout=30, **kw)
+        # No silent reconnect-and-resend: tests must see every dropped reply.
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+        return redis.Redis(port=self.port, protocol=protocol, socket_timeout=30,
+                           retry=Retry(NoBackoff(), 0), **kw)
 
     def alive(self):
         return self.proc.poll() is None and self.client().ping()

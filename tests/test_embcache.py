@@ -6,7 +6,7 @@ import pytest
 import redis
 
 from conftest import vec
-from helpers import entry_key, key_slot
+from helpers import DEFAULT_CONFIGS, LOAD_TIME_CONFIGS, entry_key, key_slot
 
 M = b"text-embedding-3-small"
 
@@ -143,11 +143,11 @@ def test_command_getkeys_reports_the_namespace(r):
 
 def test_configs_are_listed_and_validated(r):
     cfg = r.config_get("aicache.*")
-    assert {k if isinstance(k, str) else k.decode() for k in cfg} == {
-        "aicache.default-ttl", "aicache.ttl-jitter-pct", "aicache.max-text-bytes",
-        "aicache.max-dims", "aicache.fixed-dims", "aicache.key-prefix",
-        "aicache.normalize-whitespace", "aicache.max-request-bytes",
-        "aicache.max-response-bytes", "aicache.cache-sampled"}
+    assert {k if isinstance(k, str) else k.decode() for k in cfg} == (
+        set(DEFAULT_CONFIGS) | set(LOAD_TIME_CONFIGS))
+    got = {(k if isinstance(k, str) else k.decode()): v for k, v in cfg.items()}
+    for name, value in {**DEFAULT_CONFIGS, **LOAD_TIME_CONFIGS}.items():
+        assert got[name] in (value, value.encode()), name
     for name, bad in [("ttl-jitter-pct", 91), ("default-ttl", -1), ("max-dims", 0),
                       ("key-prefix", "a{b"), ("key-prefix", "a b"), ("max-text-bytes", "x")]:
         with pytest.raises(redis.ResponseError):
