@@ -33,10 +33,24 @@ deps: sysdeps pydeps ## Everything the targets below need
 build: sysdeps ## Build the release module (target/release/libaicache.so)
 	cargo build --release
 
-run: build ## Start redis-server on 127.0.0.1:$(PORT) with the module (foreground)
-	@echo "aicache: try   redis-cli -p $(PORT) EMBCACHE.SET docs text-embedding-3-small 'hello' '[0.1,0.2,0.3]'"
-	@echo "         then  redis-cli -p $(PORT) EMBCACHE.GET docs text-embedding-3-small 'hello' FORMAT JSON"
-	redis-server redis.conf.example --port $(PORT) --loadmodule $(CURDIR)/$(MODULE)
+# UPSTREAM_URL=https://api.openai.com/v1 (with OPENAI_API_KEY set) uses a real
+# API; without it, `make run` starts the local demo upstream on DEMO_PORT.
+UPSTREAM_URL ?=
+DEMO_PORT ?= 8089
+
+run: build ## Start redis-server on 127.0.0.1:$(PORT) with the module (and the demo upstream)
+	@echo "aicache: try   redis-cli -p $(PORT) EMBCACHE.FETCH docs text-embedding-3-small 1 'hello' FORMAT JSON"
+	@echo "         and   redis-cli -p $(PORT) LLMCACHE.FETCH chat '{\"model\":\"gpt-4o-mini\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'"
+	@if [ -n "$(UPSTREAM_URL)" ]; then \
+	  exec redis-server redis.conf.example --port $(PORT) \
+	    --loadmodule $(CURDIR)/$(MODULE) upstream-url $(UPSTREAM_URL); \
+	else \
+	  echo "aicache: no UPSTREAM_URL, starting the demo upstream on 127.0.0.1:$(DEMO_PORT)"; \
+	  python3 tests/fake_upstream.py --port $(DEMO_PORT) & demo=$$!; \
+	  trap "kill $$demo 2>/dev/null" EXIT INT TERM; \
+	  redis-server redis.conf.example --port $(PORT) \
+	    --loadmodule $(CURDIR)/$(MODULE) upstream-url http://127.0.0.1:$(DEMO_PORT)/v1; \
+	fi
 
 unit: sysdeps ## cargo test (pure logic)
 	cargo test --release

@@ -56,6 +56,7 @@ class State:
         self.auth = []
         self.faults = []
         self.latency_ms = 0
+        self.last_api_reply = 0.0
 
     def snapshot(self):
         with self.lock:
@@ -67,6 +68,7 @@ class State:
                 "peak_concurrency": self.peak,
                 "auth": sorted(set(self.auth)),
                 "faults_left": len(self.faults),
+                "last_api_reply": self.last_api_reply,
             }
 
     def next_fault(self):
@@ -92,9 +94,13 @@ def vector(model, text, dims):
     return out[:dims]
 
 
+REAL_DIMS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072,
+             "text-embedding-ada-002": 1536}
+
+
 def model_dims(model):
     m = re.search(r"-d(\d+)$", model)
-    return int(m.group(1)) if m else 8
+    return int(m.group(1)) if m else REAL_DIMS.get(model, 8)
 
 
 def chat_answer(req):
@@ -116,6 +122,9 @@ def chat_answer(req):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes: with Nagle on, the body
+    # waits for the client's delayed ACK (~40 ms) and skews every timing.
+    disable_nagle_algorithm = True
 
     def log_message(self, *args):
         pass
@@ -184,6 +193,7 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             with STATE.lock:
                 STATE.active -= 1
+                STATE.last_api_reply = time.time()
 
     def inject(self, f):
         """Sends a fault response; False when the fault shapes a normal answer."""
