@@ -45,6 +45,9 @@ pub static LEASE_MS: Bounded = Bounded::new(60_000, 100, 3_600_000);
 /// How long a FETCH waits for its fills unless it passes TIMEOUT.
 pub static WAIT_TIMEOUT_MS: Bounded = Bounded::new(60_000, 1, 3_600_000);
 
+/// After a failed fill, identical calls fail fast for this long; 0 = off.
+pub static FAIL_MEMORY_MS: Bounded = Bounded::new(0, 0, 600_000);
+
 // Upstream HTTP.
 pub static CONNECT_TIMEOUT_MS: Bounded = Bounded::new(5_000, 1, 600_000);
 /// Whole attempt, body included: a slow-drip body cannot outlive it.

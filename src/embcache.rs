@@ -334,6 +334,7 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         return Ok(RedisValue::NoReply);
     }
     fetch::check_can_fill(ctx, missing.len())?;
+    fetch::check_failures(missing.iter().map(|&s| unique[s].0.as_slice()))?;
     let fill_key = |key: &[u8]| fill_key(key, opts.nostore);
     let misses = Misses {
         entries: missing
@@ -347,6 +348,7 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     };
     let db = ffi::selected_db(ctx);
     let url = crate::config::embeddings_url();
+    let deadline = crate::fill::deadline();
     let jobs = started
         .chunks(cfg.batch_size.max(1))
         .map(|chunk| {
@@ -374,6 +376,7 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
                     model: model.to_vec(),
                     fixed: cfg.fixed_dims,
                 }),
+                deadline,
             }))
         })
         .collect();

@@ -7,6 +7,7 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
 use redis_module::{Context, ContextFlags, RedisError};
 
+use crate::failmem::FailMemory;
 use crate::ffi::{self, Blocked, Reply};
 use crate::fill::Job;
 use crate::inflight::{Join, Registry};
@@ -39,6 +40,46 @@ pub enum Shape {
 pub struct Waiter {
     call: Arc<Call>,
     slot: usize,
+}
+
+static FAILURES: LazyLock<Mutex<FailMemory>> =
+    LazyLock::new(|| Mutex::new(FailMemory::new(65_536)));
+
+fn failures() -> MutexGuard<'static, FailMemory> {
+    FAILURES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Records an upstream failure for these entries (aicache.fail-memory-ms).
+pub fn remember_failure(keys: &[Vec<u8>], msg: &str) {
+    let for_ms = crate::config::FAIL_MEMORY_MS.get_u64();
+    if for_ms == 0 {
+        return;
+    }
+    let msg: Arc<str> = Arc::from(msg);
+    let now = crate::ttl::now_ms();
+    let mut f = failures();
+    for k in keys {
+        f.remember(k, now, for_ms, msg.clone());
+    }
+}
+
+/// Fails a call at once when one of its missing entries failed recently.
+pub fn check_failures<'a>(keys: impl Iterator<Item = &'a [u8]>) -> Result<(), RedisError> {
+    if crate::config::FAIL_MEMORY_MS.get_u64() == 0 {
+        return Ok(());
+    }
+    let now = crate::ttl::now_ms();
+    let mut f = failures();
+    for k in keys {
+        if let Some(msg) = f.check(k, now) {
+            STATS.fail_fast_errors.incr();
+            let msg = msg.trim_start_matches("ERR ");
+            return Err(ffi::error(format!(
+                "ERR {msg} (failing fast: the same fill failed within aicache.fail-memory-ms)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 static REGISTRY: LazyLock<Mutex<Registry<Waiter>>> =

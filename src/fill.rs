@@ -42,6 +42,7 @@ pub struct EmbedJob {
     pub store: Option<Store>,
     /// None when DIMENSIONS fixes the size.
     pub pin: Option<Pin>,
+    pub deadline: Instant,
 }
 
 pub struct LlmJob {
@@ -51,6 +52,7 @@ pub struct LlmJob {
     pub key: Vec<u8>,
     pub max_bytes: usize,
     pub store: Option<Store>,
+    pub deadline: Instant,
 }
 
 /// A unit of work for the pool. A job refused by the queue is failed with
@@ -76,18 +78,26 @@ impl Job {
     }
 }
 
-fn deadline() -> Instant {
+/// When a fill started now must give up: the end of its lease, so that a
+/// job that waited in the queue does not retry past it.
+pub fn deadline() -> Instant {
     Instant::now() + Duration::from_millis(crate::config::LEASE_MS.get_u64())
 }
 
-fn fail(pending: Pending, f: &Failure) {
-    pending.fail(&f.message());
+/// An upstream failure: every waiter gets it, and it may be remembered so
+/// identical calls fail fast for a while.
+fn fail(pending: Pending, keys: &[Vec<u8>], f: &Failure) {
+    let msg = f.message();
+    if *f != Failure::Stopped {
+        crate::fetch::remember_failure(keys, &msg);
+    }
+    pending.fail(&msg);
 }
 
 impl EmbedJob {
     pub fn run(self, agent: &Agent, stopping: &AtomicBool) {
         let n = self.pending.len();
-        let parsed = post(agent, &self.url, &self.body, deadline(), stopping).and_then(|body| {
+        let parsed = post(agent, &self.url, &self.body, self.deadline, stopping).and_then(|body| {
             crate::embed::parse_response(&body, n, self.dims, self.max_dims).map_err(|e| {
                 let f = Failure::Invalid(e);
                 f.count();
@@ -96,7 +106,7 @@ impl EmbedJob {
         });
         let e = match parsed {
             Ok(e) => e,
-            Err(f) => return fail(self.pending, &f),
+            Err(f) => return fail(self.pending, &self.keys, &f),
         };
         STATS.tokens_prompt.add(e.tokens);
         STATS.tokens_total.add(e.tokens);
@@ -118,25 +128,26 @@ impl EmbedJob {
 
 impl LlmJob {
     pub fn run(self, agent: &Agent, stopping: &AtomicBool) {
-        let checked = post(agent, &self.url, &self.body, deadline(), stopping).and_then(|body| {
-            let invalid = |e: String| {
-                let f = Failure::Invalid(e.trim_start_matches("ERR ").to_string());
-                f.count();
-                f
-            };
-            if body.len() > self.max_bytes {
-                return Err(invalid(format!(
-                    "response is {} bytes, more than max-response-bytes {}",
-                    body.len(),
-                    self.max_bytes
-                )));
-            }
-            let usage = validate_response(&body).map_err(invalid)?;
-            Ok((body, usage))
-        });
+        let checked =
+            post(agent, &self.url, &self.body, self.deadline, stopping).and_then(|body| {
+                let invalid = |e: String| {
+                    let f = Failure::Invalid(e.trim_start_matches("ERR ").to_string());
+                    f.count();
+                    f
+                };
+                if body.len() > self.max_bytes {
+                    return Err(invalid(format!(
+                        "response is {} bytes, more than max-response-bytes {}",
+                        body.len(),
+                        self.max_bytes
+                    )));
+                }
+                let usage = validate_response(&body).map_err(invalid)?;
+                Ok((body, usage))
+            });
         let (body, usage) = match checked {
             Ok(x) => x,
-            Err(f) => return fail(self.pending, &f),
+            Err(f) => return fail(self.pending, std::slice::from_ref(&self.key), &f),
         };
         STATS.tokens_prompt.add(usage.prompt);
         STATS.tokens_completion.add(usage.completion);

@@ -8,6 +8,7 @@ pub mod config;
 mod embcache;
 pub mod embed;
 pub mod errors;
+pub mod failmem;
 mod fetch;
 mod ffi;
 mod fill;
@@ -114,6 +115,7 @@ redis_module! {
             ["batch-size", &BATCH_SIZE, BATCH_SIZE.default, BATCH_SIZE.min, BATCH_SIZE.max, ConfigurationFlags::DEFAULT, None],
             ["lease-ms", &LEASE_MS, LEASE_MS.default, LEASE_MS.min, LEASE_MS.max, ConfigurationFlags::DEFAULT, None],
             ["wait-timeout-ms", &WAIT_TIMEOUT_MS, WAIT_TIMEOUT_MS.default, WAIT_TIMEOUT_MS.min, WAIT_TIMEOUT_MS.max, ConfigurationFlags::DEFAULT, None],
+            ["fail-memory-ms", &FAIL_MEMORY_MS, FAIL_MEMORY_MS.default, FAIL_MEMORY_MS.min, FAIL_MEMORY_MS.max, ConfigurationFlags::DEFAULT, None],
             ["upstream-connect-timeout-ms", &CONNECT_TIMEOUT_MS, CONNECT_TIMEOUT_MS.default, CONNECT_TIMEOUT_MS.min, CONNECT_TIMEOUT_MS.max, ConfigurationFlags::DEFAULT, None],
             ["upstream-timeout-ms", &ATTEMPT_TIMEOUT_MS, ATTEMPT_TIMEOUT_MS.default, ATTEMPT_TIMEOUT_MS.min, ATTEMPT_TIMEOUT_MS.max, ConfigurationFlags::DEFAULT, None],
             ["upstream-max-bytes", &UPSTREAM_MAX_BYTES, UPSTREAM_MAX_BYTES.default, UPSTREAM_MAX_BYTES.min, UPSTREAM_MAX_BYTES.max, ConfigurationFlags::DEFAULT, None],

@@ -108,6 +108,7 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     }
     STATS.misses.incr();
     fetch::check_can_fill(ctx, 1)?;
+    fetch::check_failures(std::iter::once(key.as_slice()))?;
     let misses = Misses {
         entries: vec![(fill_key(&key, nostore), 0)],
     };
@@ -129,6 +130,7 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
                     ttl_secs: cfg.ttl_secs(opts.ex),
                     jitter_pct: cfg.jitter_pct,
                 }),
+                deadline: crate::fill::deadline(),
             }))
         })
         .collect();

@@ -53,6 +53,7 @@ counters!(
     upstream_errors_invalid,
     upstream_errors_too_large,
     queue_full_errors,
+    fail_fast_errors,
     fill_capacity_errors,
     wait_timeouts,
     worker_panics,

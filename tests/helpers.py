@@ -27,6 +27,7 @@ DEFAULT_CONFIGS = {
     "aicache.batch-size": "100",
     "aicache.lease-ms": "60000",
     "aicache.wait-timeout-ms": "60000",
+    "aicache.fail-memory-ms": "0",
     "aicache.upstream-connect-timeout-ms": "5000",
     "aicache.upstream-timeout-ms": "30000",
     "aicache.upstream-max-bytes": str(64 << 20),

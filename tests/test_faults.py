@@ -217,3 +217,17 @@ def test_max_fills_bounds_the_registry(f, fserver, upstream):
     # Joining a running fill needs no new slot.
     assert fetch(f, "docs", "a") == [expected("a")]
     t.join()
+
+
+def test_fail_memory_fails_identical_calls_fast_when_enabled(f, upstream):
+    before = info_fields(f)["fail_fast_errors"]
+    f.config_set("aicache.fail-memory-ms", 60000)
+    upstream.fault("status", status=400, message="bad input")
+    with pytest.raises(redis.ResponseError, match="HTTP 400: bad input$"):
+        fetch(f, "fm", "a")
+    with pytest.raises(redis.ResponseError, match="HTTP 400: bad input .failing fast"):
+        fetch(f, "fm", "a", "b")
+    assert upstream.calls() == 1 and info_fields(f)["fail_fast_errors"] == before + 1
+    assert fetch(f, "fm", "b") == [expected("b")], "other entries must not be affected"
+    f.config_set("aicache.fail-memory-ms", 0)
+    assert fetch(f, "fm", "a") == [expected("a")]
