@@ -8,6 +8,7 @@ use redis_module::configuration::ConfigurationContext;
 use redis_module::{ConfigurationValue, RedisError, RedisString};
 
 use crate::keys::validate_prefix;
+use crate::upstream::reload_api_key;
 
 /// Seconds an entry lives when no `EX` is given; 0 keeps entries forever.
 pub static DEFAULT_TTL: Bounded = Bounded::new(86_400, 0, crate::ttl::MAX_TTL_SECS as i64);
@@ -29,7 +30,7 @@ pub static CACHE_SAMPLED: AtomicBool = AtomicBool::new(true);
 /// Collapse ASCII whitespace runs in texts before hashing.
 pub static NORMALIZE_WHITESPACE: AtomicBool = AtomicBool::new(false);
 /// Prepended to every key the module writes.
-pub static KEY_PREFIX: KeyPrefix = KeyPrefix(Mutex::new(String::new()));
+pub static KEY_PREFIX: Checked = Checked::new(validate_prefix, None);
 
 pub const DEFAULT_KEY_PREFIX: &str = "aicache:";
 
@@ -60,15 +61,15 @@ pub static BACKOFF_CAP_MS: Bounded = Bounded::new(5_000, 1, 600_000);
 pub static UPSTREAM_BASE64: AtomicBool = AtomicBool::new(true);
 
 pub const DEFAULT_UPSTREAM_URL: &str = "https://api.openai.com/v1";
-pub static UPSTREAM_URL: Checked = Checked::new(check_base_url);
+pub static UPSTREAM_URL: Checked = Checked::new(check_base_url, None);
 /// Full URL for embeddings; empty means `<upstream-url>/embeddings`.
-pub static EMBEDDINGS_URL: Checked = Checked::new(check_optional_url);
+pub static EMBEDDINGS_URL: Checked = Checked::new(check_optional_url, None);
 /// Full URL for chat completions; empty means `<upstream-url>/chat/completions`.
-pub static CHAT_URL: Checked = Checked::new(check_optional_url);
+pub static CHAT_URL: Checked = Checked::new(check_optional_url, None);
 /// Name of the environment variable holding the API key.
-pub static API_KEY_ENV: Checked = Checked::new(check_env_name);
+pub static API_KEY_ENV: Checked = Checked::new(check_env_name, Some(reload_api_key));
 /// File holding the API key; wins over the environment variable.
-pub static API_KEY_FILE: Checked = Checked::new(check_key_file);
+pub static API_KEY_FILE: Checked = Checked::new(check_key_file, Some(reload_api_key));
 
 /// An integer config that checks its own range: Redis checks `CONFIG SET`,
 /// but not values given on the `loadmodule` line.
@@ -111,41 +112,20 @@ impl ConfigurationValue<i64> for Bounded {
     }
 }
 
-/// A string config whose setter rejects prefixes that would break hash tags.
-pub struct KeyPrefix(Mutex<String>);
-
-impl KeyPrefix {
-    pub fn get_string(&self) -> String {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
-
-impl ConfigurationValue<RedisString> for KeyPrefix {
-    fn get(&self, _ctx: &ConfigurationContext) -> RedisString {
-        // create() panics on NUL; the slice constructor cannot.
-        RedisString::create_from_slice(std::ptr::null_mut(), self.get_string().as_bytes())
-    }
-
-    fn set(&self, _ctx: &ConfigurationContext, val: RedisString) -> Result<(), RedisError> {
-        let s = std::str::from_utf8(val.as_slice())
-            .map_err(|_| RedisError::Str("key-prefix must be printable ASCII"))?;
-        validate_prefix(s).map_err(RedisError::String)?;
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = s.to_string();
-        Ok(())
-    }
-}
-
 /// A string config with a validator run on every value, load time included.
+/// `then` runs after a value is stored.
 pub struct Checked {
     value: Mutex<String>,
     check: fn(&str) -> Result<(), String>,
+    then: Option<fn()>,
 }
 
 impl Checked {
-    pub const fn new(check: fn(&str) -> Result<(), String>) -> Self {
+    pub const fn new(check: fn(&str) -> Result<(), String>, then: Option<fn()>) -> Self {
         Checked {
             value: Mutex::new(String::new()),
             check,
+            then,
         }
     }
 
@@ -156,6 +136,7 @@ impl Checked {
 
 impl ConfigurationValue<RedisString> for Checked {
     fn get(&self, _ctx: &ConfigurationContext) -> RedisString {
+        // create() panics on NUL; the slice constructor cannot.
         RedisString::create_from_slice(std::ptr::null_mut(), self.get_string().as_bytes())
     }
 
@@ -169,7 +150,9 @@ impl ConfigurationValue<RedisString> for Checked {
         }
         (self.check)(s).map_err(RedisError::String)?;
         *self.value.lock().unwrap_or_else(|e| e.into_inner()) = s.to_string();
-        crate::upstream::reload_api_key();
+        if let Some(then) = self.then {
+            then();
+        }
         Ok(())
     }
 }

@@ -66,6 +66,16 @@ def wait_for(predicate, timeout=10.0, what="condition"):
         time.sleep(0.01)
 
 
+def stop_process(proc):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Server:
     def __init__(self, module_args=(), extra=(), load_module=True, env=None):
         self.port = free_port()
@@ -113,13 +123,7 @@ class Server:
             return ""
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -208,12 +212,7 @@ class Upstream:
         self._post("/_latency", {"ms": ms})
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
 
 def info_fields(client, section="aicache"):
