@@ -335,7 +335,8 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     }
     fetch::check_can_fill(ctx, missing.len())?;
     fetch::check_failures(missing.iter().map(|&s| unique[s].0.as_slice()))?;
-    let fill_key = |key: &[u8]| fill_key(key, opts.nostore);
+    let db = ffi::selected_db(ctx);
+    let fill_key = |key: &[u8]| fill_key(key, db, opts.nostore);
     let misses = Misses {
         entries: missing
             .iter()
@@ -346,7 +347,6 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let Some(started) = fetch::begin(ctx, slots, shape, misses, timeout) else {
         return Ok(RedisValue::NoReply);
     };
-    let db = ffi::selected_db(ctx);
     let url = crate::config::embeddings_url();
     let deadline = crate::fill::deadline();
     let jobs = started
@@ -384,12 +384,12 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     Ok(RedisValue::NoReply)
 }
 
-/// The single-flight key: NOSTORE fills never store, so only other NOSTORE
+/// The single-flight key. A fill stores into one DB, so callers in other
+/// DBs do not share it; NOSTORE fills never store, so only other NOSTORE
 /// calls may share them.
-pub fn fill_key(key: &[u8], nostore: bool) -> Vec<u8> {
+pub fn fill_key(key: &[u8], db: i32, nostore: bool) -> Vec<u8> {
     let mut k = key.to_vec();
-    if nostore {
-        k.extend_from_slice(b"\0nostore");
-    }
+    k.extend_from_slice(&db.to_be_bytes());
+    k.push(u8::from(nostore));
     k
 }

@@ -25,7 +25,9 @@ pub fn error(msg: impl AsRef<str>) -> RedisError {
 fn call_options(replicate: bool) -> CallOptions {
     let b = CallOptionsBuilder::new().errors_as_replies();
     if replicate {
-        b.replicate().build()
+        // Script mode makes a write obey min-replicas-to-write and refuse
+        // after a failed save (MISCONF), as a client's own write would.
+        b.replicate().script_mode().build()
     } else {
         b.build()
     }

@@ -162,21 +162,21 @@ impl LlmJob {
 }
 
 /// Stores entries under one hold of the Redis lock. Skips the write (not the
-/// reply) when this node may not write now.
+/// reply) when this node may not write now, or Redis refuses it
+/// (min-replicas-to-write, MISCONF); a dimension mismatch is an error.
 fn write(store: &Store, pin: Option<&Pin>, entries: &[(&[u8], &[u8])]) -> Result<(), String> {
     let tsc = ThreadSafeContext::new();
     let ctx = tsc.lock();
-    if !ffi::may_write(&ctx) {
-        STATS.writes_skipped.incr();
-        return Ok(());
-    }
-    if !ffi::select_db(&ctx, store.db) {
+    if !ffi::may_write(&ctx) || !ffi::select_db(&ctx, store.db) {
         STATS.writes_skipped.incr();
         return Ok(());
     }
     let dims = entries.first().map_or(0, |(_, v)| v.len() / 4);
     if let Some(pin) = pin {
-        check_pin(&ctx, pin, dims)?;
+        if !check_pin(&ctx, pin, dims)? {
+            STATS.writes_skipped.incr();
+            return Ok(());
+        }
     }
     for (key, value) in entries {
         let at = (store.ttl_secs > 0).then(|| {
@@ -187,12 +187,17 @@ fn write(store: &Store, pin: Option<&Pin>, entries: &[(&[u8], &[u8])]) -> Result
                     crate::cmd::JITTER_RNG.next(),
                 )
         });
-        ffi::set_string(&ctx, key, value, at).map_err(|e| format!("ERR cannot store: {e}"))?;
+        if ffi::set_string(&ctx, key, value, at).is_err() {
+            STATS.writes_skipped.incr();
+            break;
+        }
     }
     Ok(())
 }
 
-fn check_pin(ctx: &Context, pin: &Pin, dims: usize) -> Result<(), String> {
+/// Ok(true) when the vectors fit the namespace's pin (pinning it if new),
+/// Ok(false) when Redis refused to write the pin.
+fn check_pin(ctx: &Context, pin: &Pin, dims: usize) -> Result<bool, String> {
     if pin.fixed != 0 {
         if dims != pin.fixed {
             return Err(format!(
@@ -200,7 +205,7 @@ fn check_pin(ctx: &Context, pin: &Pin, dims: usize) -> Result<(), String> {
                 pin.fixed
             ));
         }
-        return Ok(());
+        return Ok(true);
     }
     let have = ffi::call(
         ctx,
@@ -215,17 +220,17 @@ fn check_pin(ctx: &Context, pin: &Pin, dims: usize) -> Result<(), String> {
             "ERR dimension mismatch: this namespace stores {p}-dimension vectors for this model, \
              upstream returned {dims}"
         )),
-        Some(_) => Ok(()),
+        Some(_) => Ok(true),
         None => {
             let d = dims.to_string();
-            ffi::call(
+            let pinned = ffi::call(
                 ctx,
                 "HSET",
                 &[&pin.dims_key, &pin.model, d.as_bytes()],
                 true,
                 |_| (),
-            )
-            .map_err(|e| format!("ERR cannot pin the dimension: {e}"))
+            );
+            Ok(pinned.is_ok())
         }
     }
 }

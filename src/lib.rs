@@ -48,32 +48,42 @@ fn init(ctx: &Context, _args: &[RedisString]) -> Status {
     Status::Ok
 }
 
-/// Every waiter hears back before the process goes; workers stop retrying.
+/// Workers stop retrying and every waiter is released with an error. Redis
+/// exits without flushing client buffers, so in practice those clients see
+/// the connection close; the error reaches them only if the shutdown fails
+/// and the server carries on.
 fn shutdown() {
     pool::halt();
     fetch::abandon_all("ERR aicache is shutting down");
 }
 
-/// MODULE UNLOAD: Redis refuses it while a client is blocked, so no fill is
-/// waiting for the lock here; join the workers before the code goes away.
-fn deinit(_ctx: &Context) -> Status {
+/// MODULE UNLOAD: Redis refuses it while a client is blocked, but a fill can
+/// outlive its callers (they timed out, or another part of their call
+/// failed), and its worker will want the lock this thread holds. Refuse
+/// until no fill runs, then join the idle workers.
+fn deinit(ctx: &Context) -> Status {
+    if fetch::fills_in_flight() > 0 || pool::queue_depth() > 0 {
+        ctx.log_warning("aicache: fills are still running; MODULE UNLOAD refused, try again");
+        return Status::Err;
+    }
     pool::stop();
-    fetch::abandon_all("ERR aicache is unloading");
     Status::Ok
 }
 
 #[linkme::distributed_slice(redis_module::server_events::INFO_COMMAND_HANDLER_LIST)]
-fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
+fn info(ctx: &InfoContext, for_crash_report: bool) -> RedisResult<()> {
     let mut section = ctx.builder().add_section("fills");
     for (name, value) in stats::STATS.fields() {
         section = section.field(name, value)?;
     }
-    section
-        .field("fills_in_flight", fetch::fills_in_flight() as u64)?
-        .field("queue_depth", pool::queue_depth() as u64)?
-        .field("workers", pool::workers() as u64)?
-        .build_section()?
-        .build_info()?;
+    // A crash report may run on a thread that crashed holding these locks.
+    if !for_crash_report {
+        section = section
+            .field("fills_in_flight", fetch::fills_in_flight() as u64)?
+            .field("queue_depth", pool::queue_depth() as u64)?
+            .field("workers", pool::workers() as u64)?;
+    }
+    section.build_section()?.build_info()?;
     Ok(())
 }
 

@@ -109,8 +109,9 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     STATS.misses.incr();
     fetch::check_can_fill(ctx, 1)?;
     fetch::check_failures(std::iter::once(key.as_slice()))?;
+    let db = ffi::selected_db(ctx);
     let misses = Misses {
-        entries: vec![(fill_key(&key, nostore), 0)],
+        entries: vec![(fill_key(&key, db, nostore), 0)],
     };
     let timeout = opts.timeout_ms.unwrap_or(cfg.wait_timeout_ms);
     let Some(started) = fetch::begin(ctx, vec![None], Shape::Single, misses, timeout) else {
@@ -126,7 +127,7 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
                 key: key.clone(),
                 max_bytes: cfg.max_response_bytes,
                 store: (!nostore).then(|| Store {
-                    db: ffi::selected_db(ctx),
+                    db,
                     ttl_secs: cfg.ttl_secs(opts.ex),
                     jitter_pct: cfg.jitter_pct,
                 }),

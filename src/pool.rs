@@ -34,11 +34,21 @@ pub fn start(workers: usize, queue: usize) -> Result<(), String> {
     for i in 0..workers {
         let rx: Receiver<Job> = rx.clone();
         let agent = agent.clone();
-        let t = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name(format!("aicache-w{i}"))
-            .spawn(move || work(rx, agent))
-            .map_err(|e| format!("cannot start worker thread: {e}"))?;
-        threads.push(t);
+            .spawn(move || work(rx, agent));
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                // The load fails and the library is unmapped: no thread may
+                // still be running its code.
+                drop(tx);
+                for t in threads {
+                    let _ = t.join();
+                }
+                return Err(format!("cannot start worker thread: {e}"));
+            }
+        }
     }
     STOPPING.store(false, Ordering::Relaxed);
     *pool() = Some(Pool { tx, threads });
@@ -79,9 +89,9 @@ pub fn workers() -> usize {
     pool().as_ref().map_or(0, |p| p.threads.len())
 }
 
-/// Closes the queue and joins every worker. Jobs still queued are dropped
-/// unrun, which fails their fills. Call without the Redis lock held by a
-/// worker's pending write: only at unload, when no client is blocked.
+/// Closes the queue and joins every worker. Only for unload, and only when
+/// no fill is running: a worker with a result would wait for the Redis lock
+/// that the caller holds.
 pub fn stop() {
     STOPPING.store(true, Ordering::Relaxed);
     let Some(p) = pool().take() else { return };

@@ -1,7 +1,7 @@
 """Fills in their surroundings: transactions, scripts, replicas, DBs,
 reloads, paused writes, MODULE UNLOAD and SHUTDOWN."""
 import glob
-import os
+import json
 import threading
 
 import pytest
@@ -44,6 +44,36 @@ def test_select_3_then_fetch_stores_in_db_3(f, fserver, upstream):
         assert f.dbsize() == 0
     finally:
         c3.flushdb()
+
+
+def test_fills_coalesce_only_within_one_db(f, fserver, upstream):
+    upstream.latency(300)
+    c0, c5 = fserver.client(db=0), fserver.client(db=5)
+    try:
+        out = []
+        ts = [threading.Thread(target=lambda c=c: out.append(fetch(c, "dbs", "t"))) for c in (c0, c5)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert out == [[expected("t")]] * 2
+        for c in (c0, c5):
+            assert c.execute_command("EMBCACHE.GET", "dbs", M, "t") == expected("t")
+        assert upstream.calls() == 2
+    finally:
+        c5.flushdb()
+
+
+def test_min_replicas_unmet_skips_the_store_but_not_the_reply(f, upstream):
+    before = info_fields(f)["writes_skipped"]
+    f.config_set("min-replicas-to-write", 1)
+    try:
+        assert fetch(f, "minrep", "t") == [expected("t")]
+        assert json.loads(llm(f, REQ, ns="minrep"))["choices"]
+    finally:
+        f.config_set("min-replicas-to-write", 0)
+    assert f.dbsize() == 0
+    assert info_fields(f)["writes_skipped"] == before + 2
 
 
 def test_debug_reload_keeps_fills_and_their_deadlines(f, upstream):
@@ -124,6 +154,13 @@ def test_module_unload_waits_for_blocked_clients_then_joins_the_pool(upstream):
         t.join()
         assert got == [[expected("x")]]
         wait_for(lambda: c.info("clients")["blocked_clients"] == 0, what="unblocked")
+        # A fill that outlived its caller keeps the module loaded until it ends.
+        with pytest.raises(redis.ResponseError, match="TIMEOUT|timed out"):
+            fetch(c, "u", "late", opts=["TIMEOUT", 50])
+        assert c.info("clients")["blocked_clients"] == 0
+        with pytest.raises(redis.ResponseError, match="Error unloading module"):
+            c.execute_command("MODULE", "UNLOAD", "aicache")
+        wait_for(lambda: info_fields(c)["fills_in_flight"] == 0, what="the late fill")
         assert c.execute_command("MODULE", "UNLOAD", "aicache") in (b"OK", "OK", True)
         assert worker_threads(s.proc.pid) == [], "workers outlived MODULE UNLOAD"
         assert s.alive()
