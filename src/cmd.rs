@@ -57,6 +57,7 @@ pub struct FetchOptions {
     pub dims: Option<u32>,
     pub json: bool,
     pub ex: Option<u64>,
+    pub tenant: Option<Vec<u8>>,
 }
 
 /// Longest TIMEOUT a call may ask for: one day.
@@ -84,9 +85,9 @@ pub fn fetch_options(
 ) -> Result<FetchOptions, RedisError> {
     let mut o = FetchOptions::default();
     let expected = if vectors {
-        "TIMEOUT, REFRESH, NOSTORE, EX, DIMENSIONS or FORMAT"
+        "TIMEOUT, REFRESH, NOSTORE, EX, TENANT, DIMENSIONS or FORMAT"
     } else {
-        "TIMEOUT, REFRESH, NOSTORE or EX"
+        "TIMEOUT, REFRESH, NOSTORE, EX or TENANT"
     };
     let mut i = 0;
     while i < args.len() {
@@ -102,6 +103,13 @@ pub fn fetch_options(
             i += 1;
             let v = args.get(i).ok_or_else(|| error("ERR EX needs a value"))?;
             o.ex = Some(parse_ex(v.as_slice()).map_err(error)?);
+        } else if is_word(a, "TENANT") {
+            i += 1;
+            let t = args.get(i).map(|t| t.as_slice()).unwrap_or_default();
+            if t.is_empty() || t.len() > 256 {
+                return Err(error("ERR TENANT must be 1 to 256 bytes"));
+            }
+            o.tenant = Some(t.to_vec());
         } else if vectors && is_word(a, "DIMENSIONS") {
             i += 1;
             o.dims = Some(number(args.get(i), "DIMENSIONS", 1, max_dims as u64)? as u32);

@@ -49,6 +49,15 @@ pub static WAIT_TIMEOUT_MS: Bounded = Bounded::new(60_000, 1, 3_600_000);
 /// After a failed fill, identical calls fail fast for this long; 0 = off.
 pub static FAIL_MEMORY_MS: Bounded = Bounded::new(0, 0, 600_000);
 
+// Spend limits on upstream calls; 0 = unlimited.
+pub static QUOTA_WINDOW_MS: Bounded = Bounded::new(60_000, 1, 86_400_000);
+pub static TENANT_MAX_REQUESTS: Bounded = Bounded::new(0, 0, 1 << 53);
+pub static TENANT_MAX_TOKENS: Bounded = Bounded::new(0, 0, 1 << 53);
+pub static GLOBAL_MAX_REQUESTS: Bounded = Bounded::new(0, 0, 1 << 53);
+pub static GLOBAL_MAX_TOKENS: Bounded = Bounded::new(0, 0, 1 << 53);
+/// Tokens per UTC day over all upstream calls.
+pub static DAILY_TOKEN_BUDGET: Bounded = Bounded::new(0, 0, 1 << 53);
+
 // Upstream HTTP.
 pub static CONNECT_TIMEOUT_MS: Bounded = Bounded::new(5_000, 1, 600_000);
 /// Whole attempt, body included: a slow-drip body cannot outlive it.

@@ -89,6 +89,14 @@ fn registry() -> MutexGuard<'static, Registry<Waiter>> {
     REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// How many of these fill keys would start a fill (and so go upstream)
+/// rather than join one: only those are charged to spend limits.
+pub fn would_start<'a>(keys: impl Iterator<Item = &'a [u8]>) -> Vec<bool> {
+    let now = crate::ttl::now_ms();
+    let reg = registry();
+    keys.map(|k| !reg.is_live(k, now)).collect()
+}
+
 pub fn fills_in_flight() -> usize {
     registry().len()
 }

@@ -12,6 +12,7 @@ use ureq::Agent;
 use crate::canon::validate_response;
 use crate::fetch::{FillResult, Pending};
 use crate::ffi;
+use crate::quota::Charge;
 use crate::stats::STATS;
 use crate::ttl::{jittered_ms, now_ms};
 use crate::upstream::{post, Failure};
@@ -43,6 +44,8 @@ pub struct EmbedJob {
     /// None when DIMENSIONS fixes the size.
     pub pin: Option<Pin>,
     pub deadline: Instant,
+    /// What this job's upstream call was charged, settled after it.
+    pub charge: Option<Charge>,
 }
 
 pub struct LlmJob {
@@ -53,6 +56,7 @@ pub struct LlmJob {
     pub max_bytes: usize,
     pub store: Option<Store>,
     pub deadline: Instant,
+    pub charge: Option<Charge>,
 }
 
 /// A unit of work for the pool. A job refused by the queue is failed with
@@ -70,11 +74,14 @@ impl Job {
         }
     }
 
+    /// A refused job never called upstream: its charge is refunded.
     pub fn fail(self, msg: &str) {
-        match self {
-            Job::Embed(j) => j.pending.fail(msg),
-            Job::Llm(j) => j.pending.fail(msg),
-        }
+        let (pending, charge) = match self {
+            Job::Embed(j) => (j.pending, j.charge),
+            Job::Llm(j) => (j.pending, j.charge),
+        };
+        settle(charge.as_ref(), 0);
+        pending.fail(msg);
     }
 }
 
@@ -82,6 +89,12 @@ impl Job {
 /// job that waited in the queue does not retry past it.
 pub fn deadline() -> Instant {
     Instant::now() + Duration::from_millis(crate::config::LEASE_MS.get_u64())
+}
+
+fn settle(charge: Option<&Charge>, tokens: u64) {
+    if let Some(c) = charge {
+        crate::spend::settle(c, tokens);
+    }
 }
 
 /// An upstream failure: every waiter gets it, and it may be remembered so
@@ -106,8 +119,12 @@ impl EmbedJob {
         });
         let e = match parsed {
             Ok(e) => e,
-            Err(f) => return fail(self.pending, &self.keys, &f),
+            Err(f) => {
+                settle(self.charge.as_ref(), 0);
+                return fail(self.pending, &self.keys, &f);
+            }
         };
+        settle(self.charge.as_ref(), e.tokens);
         STATS.tokens_prompt.add(e.tokens);
         STATS.tokens_total.add(e.tokens);
         if let Some(store) = &self.store {
@@ -147,8 +164,12 @@ impl LlmJob {
             });
         let (body, usage) = match checked {
             Ok(x) => x,
-            Err(f) => return fail(self.pending, std::slice::from_ref(&self.key), &f),
+            Err(f) => {
+                settle(self.charge.as_ref(), 0);
+                return fail(self.pending, std::slice::from_ref(&self.key), &f);
+            }
         };
+        settle(self.charge.as_ref(), usage.total);
         STATS.tokens_prompt.add(usage.prompt);
         STATS.tokens_completion.add(usage.completion);
         STATS.tokens_total.add(usage.total);

@@ -57,6 +57,14 @@ impl<W> Registry<W> {
         self.fills.is_empty()
     }
 
+    /// True when a caller of `key` at `now_ms` would join a running fill.
+    pub fn is_live(&self, key: &[u8], now_ms: u64) -> bool {
+        self.by_key
+            .get(key)
+            .and_then(|id| self.fills.get(id))
+            .is_some_and(|f| now_ms.saturating_sub(f.started_ms) < self.lease_ms)
+    }
+
     /// Adds `waiter` to the live fill for `key`, or starts a new fill.
     pub fn join(&mut self, key: &[u8], now_ms: u64, waiter: W) -> Join {
         if let Some(&id) = self.by_key.get(key) {
@@ -116,6 +124,15 @@ mod tests {
         assert_eq!(r.join(b"other", 9, "d"), Join::Start(2));
         assert_eq!(r.complete(1), vec!["a", "b", "c"]);
         assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn it_tells_who_would_join() {
+        let mut r = Registry::new(10, 100);
+        assert!(!r.is_live(b"k", 0));
+        r.join(b"k", 0, ());
+        assert!(r.is_live(b"k", 99));
+        assert!(!r.is_live(b"k", 100), "past its lease a fill is not joined");
     }
 
     #[test]

@@ -16,10 +16,14 @@ pub mod inflight;
 pub mod keys;
 mod llmcache;
 mod pool;
+pub mod quota;
 pub mod retry;
+mod spend;
 mod stats;
+mod throttle;
 pub mod ttl;
 pub mod upstream;
+pub mod window;
 
 use redis_module::configuration::ConfigurationFlags;
 use redis_module::{redis_module, Context, InfoContext, RedisResult, RedisString, Status};
@@ -78,7 +82,10 @@ fn info(ctx: &InfoContext, for_crash_report: bool) -> RedisResult<()> {
     }
     // A crash report may run on a thread that crashed holding these locks.
     if !for_crash_report {
+        let (spent, left) = spend::today();
         section = section
+            .field("tokens_spent_today", spent)?
+            .field("daily_budget_left", left)?
             .field("fills_in_flight", fetch::fills_in_flight() as u64)?
             .field("queue_depth", pool::queue_depth() as u64)?
             .field("workers", pool::workers() as u64)?;
@@ -109,6 +116,7 @@ redis_module! {
         // write from workers, hence the write ACL category.
         ["embcache.fetch", embcache::fetch, "readonly", 1, 1, 1, "", "write"],
         ["llmcache.fetch", llmcache::fetch, "readonly", 1, 1, 1, "", "write"],
+        ["aicache.throttle", throttle::throttle, "write deny-oom fast", 1, 1, 1, "", "write"],
     ],
     configurations: [
         i64: [
@@ -126,6 +134,12 @@ redis_module! {
             ["lease-ms", &LEASE_MS, LEASE_MS.default, LEASE_MS.min, LEASE_MS.max, ConfigurationFlags::DEFAULT, None],
             ["wait-timeout-ms", &WAIT_TIMEOUT_MS, WAIT_TIMEOUT_MS.default, WAIT_TIMEOUT_MS.min, WAIT_TIMEOUT_MS.max, ConfigurationFlags::DEFAULT, None],
             ["fail-memory-ms", &FAIL_MEMORY_MS, FAIL_MEMORY_MS.default, FAIL_MEMORY_MS.min, FAIL_MEMORY_MS.max, ConfigurationFlags::DEFAULT, None],
+            ["quota-window-ms", &QUOTA_WINDOW_MS, QUOTA_WINDOW_MS.default, QUOTA_WINDOW_MS.min, QUOTA_WINDOW_MS.max, ConfigurationFlags::DEFAULT, None],
+            ["tenant-max-requests", &TENANT_MAX_REQUESTS, TENANT_MAX_REQUESTS.default, TENANT_MAX_REQUESTS.min, TENANT_MAX_REQUESTS.max, ConfigurationFlags::DEFAULT, None],
+            ["tenant-max-tokens", &TENANT_MAX_TOKENS, TENANT_MAX_TOKENS.default, TENANT_MAX_TOKENS.min, TENANT_MAX_TOKENS.max, ConfigurationFlags::DEFAULT, None],
+            ["global-max-requests", &GLOBAL_MAX_REQUESTS, GLOBAL_MAX_REQUESTS.default, GLOBAL_MAX_REQUESTS.min, GLOBAL_MAX_REQUESTS.max, ConfigurationFlags::DEFAULT, None],
+            ["global-max-tokens", &GLOBAL_MAX_TOKENS, GLOBAL_MAX_TOKENS.default, GLOBAL_MAX_TOKENS.min, GLOBAL_MAX_TOKENS.max, ConfigurationFlags::DEFAULT, None],
+            ["daily-token-budget", &DAILY_TOKEN_BUDGET, DAILY_TOKEN_BUDGET.default, DAILY_TOKEN_BUDGET.min, DAILY_TOKEN_BUDGET.max, ConfigurationFlags::DEFAULT, None],
             ["upstream-connect-timeout-ms", &CONNECT_TIMEOUT_MS, CONNECT_TIMEOUT_MS.default, CONNECT_TIMEOUT_MS.min, CONNECT_TIMEOUT_MS.max, ConfigurationFlags::DEFAULT, None],
             ["upstream-timeout-ms", &ATTEMPT_TIMEOUT_MS, ATTEMPT_TIMEOUT_MS.default, ATTEMPT_TIMEOUT_MS.min, ATTEMPT_TIMEOUT_MS.max, ConfigurationFlags::DEFAULT, None],
             ["upstream-max-bytes", &UPSTREAM_MAX_BYTES, UPSTREAM_MAX_BYTES.default, UPSTREAM_MAX_BYTES.min, UPSTREAM_MAX_BYTES.max, ConfigurationFlags::DEFAULT, None],

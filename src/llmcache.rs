@@ -12,6 +12,8 @@ use crate::embcache::fill_key;
 use crate::fetch::{self, Misses, Shape};
 use crate::ffi::{self, error};
 use crate::fill::{Job, LlmJob, Store};
+use crate::quota::estimate_tokens;
+use crate::spend;
 use crate::stats::STATS;
 
 /// Validates `args[1]` (ns) and `args[2]` (request) and returns the entry key
@@ -110,13 +112,29 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     fetch::check_can_fill(ctx, 1)?;
     fetch::check_failures(std::iter::once(key.as_slice()))?;
     let db = ffi::selected_db(ctx);
+    let fill = fill_key(&key, db, nostore);
+    let charge = if fetch::would_start(std::iter::once(fill.as_slice()))[0] {
+        let tokens = estimate_tokens(body.len()) + max_output_tokens(&body);
+        Some(spend::admit(opts.tenant.as_deref(), 1, tokens)?)
+    } else {
+        None
+    };
     let misses = Misses {
-        entries: vec![(fill_key(&key, db, nostore), 0)],
+        entries: vec![(fill, 0)],
     };
     let timeout = opts.timeout_ms.unwrap_or(cfg.wait_timeout_ms);
     let Some(started) = fetch::begin(ctx, vec![None], Shape::Single, misses, timeout) else {
+        if let Some(c) = &charge {
+            spend::settle(c, 0);
+        }
         return Ok(RedisValue::NoReply);
     };
+    if started.is_empty() {
+        // Another call started the fill meanwhile: it pays.
+        if let Some(c) = &charge {
+            spend::settle(c, 0);
+        }
+    }
     let jobs = started
         .into_iter()
         .map(|(_, id)| {
@@ -132,9 +150,23 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
                     jitter_pct: cfg.jitter_pct,
                 }),
                 deadline: crate::fill::deadline(),
+                charge: charge.clone(),
             }))
         })
         .collect();
     fetch::submit(jobs);
     Ok(RedisValue::NoReply)
+}
+
+/// The request's cap on output tokens, counted in the estimate (the prompt
+/// alone would under-charge long answers).
+fn max_output_tokens(body: &[u8]) -> u64 {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.get("max_completion_tokens")
+                .or_else(|| v.get("max_tokens"))
+                .and_then(serde_json::Value::as_u64)
+        })
+        .unwrap_or(0)
 }

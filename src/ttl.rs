@@ -46,6 +46,12 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// splitmix64 over a shared counter: lock-free, good enough spread for TTLs,
 /// no dependency. Not for anything secret.
 pub struct SplitMix {

@@ -1,0 +1,328 @@
+//! Limits on upstream spend: per-tenant and global requests and tokens per
+//! window, and a daily (UTC) token budget. Only calls that really go
+//! upstream are charged: tokens are estimated before the call and
+//! corrected with the upstream's `usage` after it. Pure: time is a
+//! parameter. State is per node and in memory.
+
+use std::num::NonZeroUsize;
+
+use lru::LruCache;
+
+use crate::window::Window;
+
+const DAY_US: u64 = 86_400_000_000;
+
+/// Limits in force for one decision; 0 means unlimited.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    pub window_us: u64,
+    pub tenant_requests: u64,
+    pub tenant_tokens: u64,
+    pub global_requests: u64,
+    pub global_tokens: u64,
+    pub daily_tokens: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    TenantRequests,
+    TenantTokens,
+    GlobalRequests,
+    GlobalTokens,
+    Budget,
+}
+
+impl Class {
+    pub fn config(self) -> &'static str {
+        match self {
+            Class::TenantRequests => "aicache.tenant-max-requests",
+            Class::TenantTokens => "aicache.tenant-max-tokens",
+            Class::GlobalRequests => "aicache.global-max-requests",
+            Class::GlobalTokens => "aicache.global-max-tokens",
+            Class::Budget => "aicache.daily-token-budget",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub class: Class,
+    pub limit: u64,
+    /// None when the call can never fit (it alone is over the limit).
+    pub retry_after_ms: Option<u64>,
+}
+
+/// What one admitted call was charged, for the correction afterwards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Charge {
+    pub tenant: Option<Vec<u8>>,
+    pub at_us: u64,
+    pub tokens: u64,
+}
+
+struct Pair {
+    requests: Window,
+    tokens: Window,
+}
+
+impl Pair {
+    fn new(window_us: u64) -> Self {
+        Pair {
+            requests: Window::new(window_us),
+            tokens: Window::new(window_us),
+        }
+    }
+}
+
+pub struct Quotas {
+    tenants: LruCache<Vec<u8>, Pair>,
+    global: Pair,
+    day: u64,
+    spent_today: u64,
+}
+
+fn ms_ceil(us: u64) -> u64 {
+    us.div_ceil(1000)
+}
+
+impl Quotas {
+    /// `max_tenants` bounds memory: the least recently charged tenant's
+    /// windows are dropped first (it starts afresh if it comes back).
+    pub fn new(max_tenants: usize) -> Self {
+        Quotas {
+            tenants: LruCache::new(NonZeroUsize::new(max_tenants).unwrap_or(NonZeroUsize::MIN)),
+            global: Pair::new(60_000_000),
+            day: 0,
+            spent_today: 0,
+        }
+    }
+
+    fn roll_day(&mut self, now_us: u64) {
+        let day = now_us / DAY_US;
+        if day != self.day {
+            self.day = day;
+            self.spent_today = 0;
+        }
+    }
+
+    /// Tokens charged today (UTC), after corrections.
+    pub fn spent_today(&mut self, now_us: u64) -> u64 {
+        self.roll_day(now_us);
+        self.spent_today
+    }
+
+    /// Charges `requests` and `tokens` (an estimate) to the tenant and the
+    /// global windows, all or nothing.
+    pub fn admit(
+        &mut self,
+        tenant: Option<&[u8]>,
+        requests: u64,
+        tokens: u64,
+        now_us: u64,
+        l: &Limits,
+    ) -> Result<Charge, Refusal> {
+        self.roll_day(now_us);
+        if l.daily_tokens > 0 && self.spent_today >= l.daily_tokens {
+            let next_day = (self.day + 1) * DAY_US;
+            return Err(Refusal {
+                class: Class::Budget,
+                limit: l.daily_tokens,
+                retry_after_ms: Some(ms_ceil(next_day.saturating_sub(now_us)).max(1)),
+            });
+        }
+        if self.global.requests.window_us() != l.window_us {
+            self.global = Pair::new(l.window_us);
+            self.tenants.clear();
+        }
+        let tenant_pair = match tenant {
+            Some(t) if l.tenant_requests > 0 || l.tenant_tokens > 0 => {
+                if !self.tenants.contains(t) {
+                    self.tenants.put(t.to_vec(), Pair::new(l.window_us));
+                }
+                self.tenants.get_mut(t)
+            }
+            _ => None,
+        };
+        let mut checks: Vec<(&mut Window, u64, u64, Class)> = Vec::with_capacity(4);
+        if let Some(p) = tenant_pair {
+            checks.push((
+                &mut p.requests,
+                l.tenant_requests,
+                requests,
+                Class::TenantRequests,
+            ));
+            checks.push((&mut p.tokens, l.tenant_tokens, tokens, Class::TenantTokens));
+        }
+        checks.push((
+            &mut self.global.requests,
+            l.global_requests,
+            requests,
+            Class::GlobalRequests,
+        ));
+        checks.push((
+            &mut self.global.tokens,
+            l.global_tokens,
+            tokens,
+            Class::GlobalTokens,
+        ));
+        checks.retain(|(_, max, _, _)| *max > 0);
+        for (w, max, cost, class) in checks.iter_mut() {
+            let d = w.peek(now_us, *max, *cost);
+            if !d.allowed {
+                return Err(Refusal {
+                    class: *class,
+                    limit: *max,
+                    retry_after_ms: d.retry_after_us.map(|us| ms_ceil(us).max(1)),
+                });
+            }
+        }
+        for (w, max, cost, _) in checks {
+            w.check(now_us, max, cost);
+        }
+        self.spent_today = self.spent_today.saturating_add(tokens);
+        Ok(Charge {
+            tenant: tenant.map(<[u8]>::to_vec),
+            at_us: now_us,
+            tokens,
+        })
+    }
+
+    /// Replaces a charge's token estimate with what was really used.
+    pub fn settle(&mut self, charge: &Charge, actual_tokens: u64) {
+        let delta = actual_tokens as i64 - charge.tokens as i64;
+        if delta == 0 {
+            return;
+        }
+        if let Some(t) = &charge.tenant {
+            if let Some(p) = self.tenants.peek_mut(t) {
+                p.tokens.adjust(charge.at_us, delta);
+            }
+        }
+        self.global.tokens.adjust(charge.at_us, delta);
+        if charge.at_us / DAY_US == self.day {
+            self.spent_today = if delta >= 0 {
+                self.spent_today.saturating_add(delta as u64)
+            } else {
+                self.spent_today.saturating_sub(delta.unsigned_abs())
+            };
+        }
+    }
+}
+
+/// OpenAI's rule of thumb for English: about 4 bytes per token.
+pub fn estimate_tokens(bytes: usize) -> u64 {
+    (bytes as u64).div_ceil(4).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: u64 = 60_000_000;
+
+    fn limits() -> Limits {
+        Limits {
+            window_us: MIN,
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn zero_means_unlimited() {
+        let mut q = Quotas::new(10);
+        for i in 0..1000 {
+            assert!(q.admit(Some(b"t"), 1, 1_000, i, &limits()).is_ok());
+        }
+    }
+
+    #[test]
+    fn a_tenant_is_limited_alone_and_others_go_through() {
+        let mut q = Quotas::new(10);
+        let l = Limits {
+            tenant_requests: 2,
+            ..limits()
+        };
+        assert!(q.admit(Some(b"a"), 1, 5, 0, &l).is_ok());
+        assert!(q.admit(Some(b"a"), 1, 5, 1, &l).is_ok());
+        let r = q.admit(Some(b"a"), 1, 5, 2, &l).unwrap_err();
+        assert_eq!(r.class, Class::TenantRequests);
+        assert!(r.retry_after_ms.unwrap() >= 59_000);
+        assert!(q.admit(Some(b"b"), 1, 5, 3, &l).is_ok());
+        assert!(
+            q.admit(None, 1, 5, 3, &l).is_ok(),
+            "no tenant, no tenant limit"
+        );
+        assert!(q.admit(Some(b"a"), 1, 5, 2 * MIN, &l).is_ok());
+    }
+
+    #[test]
+    fn a_refusal_charges_nothing() {
+        let mut q = Quotas::new(10);
+        let l = Limits {
+            tenant_requests: 10,
+            global_tokens: 100,
+            ..limits()
+        };
+        assert_eq!(
+            q.admit(Some(b"a"), 1, 101, 0, &l).unwrap_err().class,
+            Class::GlobalTokens
+        );
+        // The tenant's request window was not charged by the refused call.
+        for i in 0..10 {
+            assert!(q.admit(Some(b"a"), 1, 1, i, &l).is_ok(), "{i}");
+        }
+        assert_eq!(q.spent_today(10), 10);
+    }
+
+    #[test]
+    fn settling_corrects_the_estimate() {
+        let mut q = Quotas::new(10);
+        let l = Limits {
+            tenant_tokens: 100,
+            daily_tokens: 1_000,
+            ..limits()
+        };
+        let c = q.admit(Some(b"a"), 1, 90, 0, &l).unwrap();
+        assert!(q.admit(Some(b"a"), 1, 20, 1, &l).is_err());
+        q.settle(&c, 10);
+        assert_eq!(q.spent_today(2), 10);
+        assert!(q.admit(Some(b"a"), 1, 80, 2, &l).is_ok());
+    }
+
+    #[test]
+    fn the_daily_budget_stops_misses_until_utc_midnight() {
+        let mut q = Quotas::new(10);
+        let l = Limits {
+            daily_tokens: 100,
+            ..limits()
+        };
+        let noon = 10 * DAY_US + DAY_US / 2;
+        let c = q.admit(None, 1, 60, noon, &l).unwrap();
+        q.settle(&c, 120);
+        let r = q.admit(None, 1, 1, noon + 1, &l).unwrap_err();
+        assert_eq!(r.class, Class::Budget);
+        assert_eq!(r.retry_after_ms, Some(DAY_US / 2 / 1000));
+        assert!(q.admit(None, 1, 1, 11 * DAY_US, &l).is_ok());
+        assert_eq!(q.spent_today(11 * DAY_US), 1);
+    }
+
+    #[test]
+    fn tenants_are_bounded() {
+        let mut q = Quotas::new(2);
+        let l = Limits {
+            tenant_requests: 1,
+            ..limits()
+        };
+        assert!(q.admit(Some(b"a"), 1, 1, 0, &l).is_ok());
+        assert!(q.admit(Some(b"b"), 1, 1, 0, &l).is_ok());
+        assert!(q.admit(Some(b"c"), 1, 1, 0, &l).is_ok());
+        assert_eq!(q.tenants.len(), 2);
+    }
+
+    #[test]
+    fn estimates_round_up() {
+        assert_eq!(estimate_tokens(0), 1);
+        assert_eq!(estimate_tokens(4), 1);
+        assert_eq!(estimate_tokens(5), 2);
+    }
+}
