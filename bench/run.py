@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from helpers import Server  # noqa: E402
 
 import fills  # noqa: E402
+import limits  # noqa: E402
 
 M = b"text-embedding-3-small"
 DIMS = 1536
@@ -159,3 +160,4 @@ Date: {time.strftime('%Y-%m-%d')}. redis-benchmark and redis-server share the ma
 if __name__ == "__main__":
     main()
     print(fills.run())
+    print(limits.run())
