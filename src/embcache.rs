@@ -13,12 +13,12 @@ use crate::cmd::{
 use crate::codec::{fp32_to_json, is_fp32, parse_vector};
 use crate::config::Settings;
 use crate::embed::request_body;
-use crate::fetch::{self, Misses, Shape};
+use crate::fetch::{self, Begun, Misses, Shape};
 use crate::ffi::{self, error};
 use crate::fill::{EmbedJob, Job, Pin, Store};
 use crate::keys::{collapse_whitespace, Namespace, MAX_MODEL_BYTES};
-use crate::quota::{estimate_tokens, Charge};
-use crate::spend;
+use crate::quota::estimate_tokens;
+use crate::spend::{self, Bill};
 use crate::stats::STATS;
 
 #[derive(Clone, Copy)]
@@ -342,37 +342,26 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         .iter()
         .map(|&s| fill_key(&unique[s].0, db, opts.nostore))
         .collect();
-    // Only fills this call starts go upstream, so only they are charged.
-    let starts = fetch::would_start(fill_keys.iter().map(Vec::as_slice));
     let estimate = |slot: usize| estimate_tokens(texts[unique[slot].1].len());
-    let new_slots: Vec<usize> = missing
-        .iter()
-        .zip(&starts)
-        .filter_map(|(&s, &new)| new.then_some(s))
-        .collect();
     let batch = cfg.batch_size.max(1);
-    let charge = match new_slots.len() {
-        0 => None,
-        n => Some(spend::admit(
-            opts.tenant.as_deref(),
-            n.div_ceil(batch) as u64,
-            new_slots.iter().map(|&s| estimate(s)).sum(),
-        )?),
-    };
     let misses = Misses {
         entries: fill_keys.into_iter().zip(missing.iter().copied()).collect(),
     };
     let timeout = opts.timeout_ms.unwrap_or(cfg.wait_timeout_ms);
-    let Some(started) = fetch::begin(ctx, slots, shape, misses, timeout) else {
-        if let Some(c) = &charge {
-            spend::settle(c, 0);
-        }
+    // Only the fills this call starts go upstream, so only they are charged.
+    let admit = |new: &[usize]| match new.len() {
+        0 => Ok(None),
+        n => spend::admit(
+            opts.tenant.as_deref(),
+            n.div_ceil(batch) as u64,
+            new.iter().map(|&s| estimate(s)).sum(),
+        )
+        .map(Some),
+    };
+    let Some(Begun { started, charge }) = fetch::begin(ctx, slots, shape, misses, timeout, admit)?
+    else {
         return Ok(RedisValue::NoReply);
     };
-    if let Some(c) = &charge {
-        // A fill may have ended between the estimate and the join.
-        spend::settle(c, started.iter().map(|&(s, _)| estimate(s)).sum());
-    }
     let url = crate::config::embeddings_url();
     let deadline = crate::fill::deadline();
     let jobs = started
@@ -403,10 +392,11 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
                     fixed: cfg.fixed_dims,
                 }),
                 deadline,
-                charge: charge.as_ref().map(|c| Charge {
-                    tokens: chunk.iter().map(|&(s, _)| estimate(s)).sum(),
-                    ..c.clone()
-                }),
+                bill: Bill::new(
+                    charge
+                        .as_ref()
+                        .map(|c| c.part(1, chunk.iter().map(|&(s, _)| estimate(s)).sum())),
+                ),
             }))
         })
         .collect();

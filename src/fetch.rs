@@ -12,6 +12,8 @@ use crate::ffi::{self, Blocked, Reply};
 use crate::fill::Job;
 use crate::inflight::{Join, Registry};
 use crate::pool::{self, Refused};
+use crate::quota::Charge;
+use crate::spend::Bill;
 use crate::stats::STATS;
 
 pub type FillResult = Result<Arc<[u8]>, Arc<str>>;
@@ -87,14 +89,6 @@ static REGISTRY: LazyLock<Mutex<Registry<Waiter>>> =
 
 fn registry() -> MutexGuard<'static, Registry<Waiter>> {
     REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// How many of these fill keys would start a fill (and so go upstream)
-/// rather than join one: only those are charged to spend limits.
-pub fn would_start<'a>(keys: impl Iterator<Item = &'a [u8]>) -> Vec<bool> {
-    let now = crate::ttl::now_ms();
-    let reg = registry();
-    keys.map(|k| !reg.is_live(k, now)).collect()
 }
 
 pub fn fills_in_flight() -> usize {
@@ -219,23 +213,47 @@ pub struct Misses {
     pub entries: Vec<(Vec<u8>, usize)>,
 }
 
-/// Blocks the client and joins every missing entry to a fill. Returns the
-/// fills this call must start, as (slot, id); the registry's waiters keep
-/// the call alive. None when the call has
-/// already been answered (it could not block or the registry is full).
+/// What `begin` started: (slot, fill id) per fill, and the spend charge.
+pub struct Begun {
+    pub started: Vec<(usize, u64)>,
+    pub charge: Option<Charge>,
+}
+
+/// Blocks the client and joins every missing entry to a fill. `admit` sees
+/// the slots whose fills this call would start (the only ones that go
+/// upstream) and may refuse them; it runs under the registry lock, so
+/// exactly those fills start. Err: refused before anything happened.
+/// Ok(None): the call has been answered already (it could not block, or
+/// the registry is full) and its charge refunded.
 pub fn begin(
     ctx: &Context,
     slots: Vec<Option<Arc<[u8]>>>,
     shape: Shape,
     misses: Misses,
     timeout_ms: u64,
-) -> Option<Vec<(usize, u64)>> {
+    admit: impl FnOnce(&[usize]) -> Result<Option<Charge>, RedisError>,
+) -> Result<Option<Begun>, RedisError> {
+    let now = crate::ttl::now_ms();
+    let mut reg = registry();
+    reg.set_limits(
+        crate::config::MAX_FILLS.get_u64() as usize,
+        crate::config::LEASE_MS.get_u64(),
+    );
+    let new_slots: Vec<usize> = misses
+        .entries
+        .iter()
+        .filter(|(key, _)| !reg.is_live(key, now))
+        .map(|&(_, slot)| slot)
+        .collect();
+    let charge = admit(&new_slots)?;
     let Some(blocked) = Blocked::new(ctx, timeout_ms) else {
+        drop(reg);
+        Bill::new(charge).refund();
         ffi::send_now(
             ctx,
             Reply::Error("ERR this client cannot be blocked".into()),
         );
-        return None;
+        return Ok(None);
     };
     let call = Arc::new(Call {
         state: Mutex::new(CallState {
@@ -245,31 +263,25 @@ pub fn begin(
             shape,
         }),
     });
-    let now = crate::ttl::now_ms();
     let mut started = Vec::new();
     let mut full = false;
-    {
-        let mut reg = registry();
-        reg.set_limits(
-            crate::config::MAX_FILLS.get_u64() as usize,
-            crate::config::LEASE_MS.get_u64(),
-        );
-        for (key, slot) in misses.entries {
-            let waiter = Waiter {
-                call: call.clone(),
-                slot,
-            };
-            match reg.join(&key, now, waiter) {
-                Join::Start(id) => started.push((slot, id)),
-                Join::Wait(_) => STATS.coalesced_waiters.incr(),
-                Join::Full => {
-                    full = true;
-                    break;
-                }
+    for (key, slot) in misses.entries {
+        let waiter = Waiter {
+            call: call.clone(),
+            slot,
+        };
+        match reg.join(&key, now, waiter) {
+            Join::Start(id) => started.push((slot, id)),
+            Join::Wait(_) => STATS.coalesced_waiters.incr(),
+            Join::Full => {
+                full = true;
+                break;
             }
         }
     }
+    drop(reg);
     if full {
+        Bill::new(charge).refund();
         STATS.fill_capacity_errors.incr();
         let msg = format!(
             "ERR too many fills in flight (aicache.max-fills {})",
@@ -280,10 +292,10 @@ pub fn begin(
             ids: started.iter().map(|&(_, id)| id).collect(),
         }
         .fail(&msg);
-        return None;
+        return Ok(None);
     }
     STATS.fills_started.add(started.len() as u64);
-    Some(started)
+    Ok(Some(Begun { started, charge }))
 }
 
 /// The answer-or-fail obligation for a group of started fills.

@@ -12,7 +12,7 @@ use ureq::Agent;
 use crate::canon::validate_response;
 use crate::fetch::{FillResult, Pending};
 use crate::ffi;
-use crate::quota::Charge;
+use crate::spend::Bill;
 use crate::stats::STATS;
 use crate::ttl::{jittered_ms, now_ms};
 use crate::upstream::{post, Failure};
@@ -45,7 +45,7 @@ pub struct EmbedJob {
     pub pin: Option<Pin>,
     pub deadline: Instant,
     /// What this job's upstream call was charged, settled after it.
-    pub charge: Option<Charge>,
+    pub bill: Bill,
 }
 
 pub struct LlmJob {
@@ -56,7 +56,7 @@ pub struct LlmJob {
     pub max_bytes: usize,
     pub store: Option<Store>,
     pub deadline: Instant,
-    pub charge: Option<Charge>,
+    pub bill: Bill,
 }
 
 /// A unit of work for the pool. A job refused by the queue is failed with
@@ -76,11 +76,11 @@ impl Job {
 
     /// A refused job never called upstream: its charge is refunded.
     pub fn fail(self, msg: &str) {
-        let (pending, charge) = match self {
-            Job::Embed(j) => (j.pending, j.charge),
-            Job::Llm(j) => (j.pending, j.charge),
+        let (pending, bill) = match self {
+            Job::Embed(j) => (j.pending, j.bill),
+            Job::Llm(j) => (j.pending, j.bill),
         };
-        settle(charge.as_ref(), 0);
+        bill.refund();
         pending.fail(msg);
     }
 }
@@ -89,12 +89,6 @@ impl Job {
 /// job that waited in the queue does not retry past it.
 pub fn deadline() -> Instant {
     Instant::now() + Duration::from_millis(crate::config::LEASE_MS.get_u64())
-}
-
-fn settle(charge: Option<&Charge>, tokens: u64) {
-    if let Some(c) = charge {
-        crate::spend::settle(c, tokens);
-    }
 }
 
 /// An upstream failure: every waiter gets it, and it may be remembered so
@@ -120,11 +114,11 @@ impl EmbedJob {
         let e = match parsed {
             Ok(e) => e,
             Err(f) => {
-                settle(self.charge.as_ref(), 0);
+                self.bill.failed();
                 return fail(self.pending, &self.keys, &f);
             }
         };
-        settle(self.charge.as_ref(), e.tokens);
+        self.bill.succeeded(e.tokens);
         STATS.tokens_prompt.add(e.tokens);
         STATS.tokens_total.add(e.tokens);
         if let Some(store) = &self.store {
@@ -165,11 +159,11 @@ impl LlmJob {
         let (body, usage) = match checked {
             Ok(x) => x,
             Err(f) => {
-                settle(self.charge.as_ref(), 0);
+                self.bill.failed();
                 return fail(self.pending, std::slice::from_ref(&self.key), &f);
             }
         };
-        settle(self.charge.as_ref(), usage.total);
+        self.bill.succeeded(usage.total);
         STATS.tokens_prompt.add(usage.prompt);
         STATS.tokens_completion.add(usage.completion);
         STATS.tokens_total.add(usage.total);

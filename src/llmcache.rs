@@ -9,11 +9,11 @@ use crate::canon::{canonical_request, upstream_body, validate_response};
 use crate::cmd::{check_len, ex_option, expire_at, fetch_options, namespace};
 use crate::config::Settings;
 use crate::embcache::fill_key;
-use crate::fetch::{self, Misses, Shape};
+use crate::fetch::{self, Begun, Misses, Shape};
 use crate::ffi::{self, error};
 use crate::fill::{Job, LlmJob, Store};
 use crate::quota::estimate_tokens;
-use crate::spend;
+use crate::spend::{self, Bill};
 use crate::stats::STATS;
 
 /// Validates `args[1]` (ns) and `args[2]` (request) and returns the entry key
@@ -112,29 +112,20 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     fetch::check_can_fill(ctx, 1)?;
     fetch::check_failures(std::iter::once(key.as_slice()))?;
     let db = ffi::selected_db(ctx);
-    let fill = fill_key(&key, db, nostore);
-    let charge = if fetch::would_start(std::iter::once(fill.as_slice()))[0] {
-        let tokens = estimate_tokens(body.len()) + max_output_tokens(&body);
-        Some(spend::admit(opts.tenant.as_deref(), 1, tokens)?)
-    } else {
-        None
-    };
     let misses = Misses {
-        entries: vec![(fill, 0)],
+        entries: vec![(fill_key(&key, db, nostore), 0)],
     };
     let timeout = opts.timeout_ms.unwrap_or(cfg.wait_timeout_ms);
-    let Some(started) = fetch::begin(ctx, vec![None], Shape::Single, misses, timeout) else {
-        if let Some(c) = &charge {
-            spend::settle(c, 0);
-        }
+    let tokens = estimate_tokens(body.len()).saturating_add(max_output_tokens(&body));
+    let admit = |new: &[usize]| match new.len() {
+        0 => Ok(None),
+        _ => spend::admit(opts.tenant.as_deref(), 1, tokens).map(Some),
+    };
+    let Some(Begun { started, charge }) =
+        fetch::begin(ctx, vec![None], Shape::Single, misses, timeout, admit)?
+    else {
         return Ok(RedisValue::NoReply);
     };
-    if started.is_empty() {
-        // Another call started the fill meanwhile: it pays.
-        if let Some(c) = &charge {
-            spend::settle(c, 0);
-        }
-    }
     let jobs = started
         .into_iter()
         .map(|(_, id)| {
@@ -150,7 +141,7 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
                     jitter_pct: cfg.jitter_pct,
                 }),
                 deadline: crate::fill::deadline(),
-                charge: charge.clone(),
+                bill: Bill::new(charge.clone()),
             }))
         })
         .collect();
@@ -159,7 +150,7 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
 }
 
 /// The request's cap on output tokens, counted in the estimate (the prompt
-/// alone would under-charge long answers).
+/// alone would under-charge long answers). Bounded like every limit.
 fn max_output_tokens(body: &[u8]) -> u64 {
     serde_json::from_slice::<serde_json::Value>(body)
         .ok()
@@ -169,4 +160,5 @@ fn max_output_tokens(body: &[u8]) -> u64 {
                 .and_then(serde_json::Value::as_u64)
         })
         .unwrap_or(0)
+        .min(1 << 53)
 }

@@ -56,8 +56,30 @@ pub struct Refusal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Charge {
     pub tenant: Option<Vec<u8>>,
+    /// The (monotonic) time the windows recorded the charge at.
     pub at_us: u64,
+    pub requests: u64,
     pub tokens: u64,
+    /// Windows are rebuilt when quota-window-ms changes; a charge settles
+    /// only against the windows it was made in.
+    generation: u64,
+}
+
+impl Charge {
+    /// The same charge with other amounts: one job's share of a call.
+    pub fn part(&self, requests: u64, tokens: u64) -> Charge {
+        Charge {
+            requests,
+            tokens,
+            ..self.clone()
+        }
+    }
+}
+
+/// `actual - charged` as a window adjustment, without overflow.
+fn delta(actual: u64, charged: u64) -> i64 {
+    (i128::from(actual) - i128::from(charged)).clamp(i128::from(-i64::MAX), i128::from(i64::MAX))
+        as i64
 }
 
 struct Pair {
@@ -79,6 +101,8 @@ pub struct Quotas {
     global: Pair,
     day: u64,
     spent_today: u64,
+    last_us: u64,
+    generation: u64,
 }
 
 fn ms_ceil(us: u64) -> u64 {
@@ -94,12 +118,20 @@ impl Quotas {
             global: Pair::new(60_000_000),
             day: 0,
             spent_today: 0,
+            last_us: 0,
+            generation: 0,
         }
     }
 
+    /// The clock may step back; the quotas' time does not.
+    fn clamp(&mut self, now_us: u64) -> u64 {
+        self.last_us = self.last_us.max(now_us);
+        self.last_us
+    }
+
     fn roll_day(&mut self, now_us: u64) {
-        let day = now_us / DAY_US;
-        if day != self.day {
+        let day = self.clamp(now_us) / DAY_US;
+        if day > self.day {
             self.day = day;
             self.spent_today = 0;
         }
@@ -122,6 +154,7 @@ impl Quotas {
         l: &Limits,
     ) -> Result<Charge, Refusal> {
         self.roll_day(now_us);
+        let now_us = self.last_us;
         if l.daily_tokens > 0 && self.spent_today >= l.daily_tokens {
             let next_day = (self.day + 1) * DAY_US;
             return Err(Refusal {
@@ -133,6 +166,7 @@ impl Quotas {
         if self.global.requests.window_us() != l.window_us {
             self.global = Pair::new(l.window_us);
             self.tenants.clear();
+            self.generation += 1;
         }
         let tenant_pair = match tenant {
             Some(t) if l.tenant_requests > 0 || l.tenant_tokens > 0 => {
@@ -183,28 +217,31 @@ impl Quotas {
         Ok(Charge {
             tenant: tenant.map(<[u8]>::to_vec),
             at_us: now_us,
+            requests,
             tokens,
+            generation: self.generation,
         })
     }
 
-    /// Replaces a charge's token estimate with what was really used.
-    pub fn settle(&mut self, charge: &Charge, actual_tokens: u64) {
-        let delta = actual_tokens as i64 - charge.tokens as i64;
-        if delta == 0 {
-            return;
-        }
-        if let Some(t) = &charge.tenant {
-            if let Some(p) = self.tenants.peek_mut(t) {
-                p.tokens.adjust(charge.at_us, delta);
+    /// Replaces a charge with what the call really cost: `requests` made
+    /// and `tokens` used (0 and 0 when it never went upstream).
+    pub fn settle(&mut self, charge: &Charge, requests: u64, tokens: u64) {
+        let dr = delta(requests, charge.requests);
+        let dt = delta(tokens, charge.tokens);
+        if charge.generation == self.generation {
+            if let Some(t) = &charge.tenant {
+                if let Some(p) = self.tenants.peek_mut(t) {
+                    p.requests.adjust(charge.at_us, dr);
+                    p.tokens.adjust(charge.at_us, dt);
+                }
             }
+            self.global.requests.adjust(charge.at_us, dr);
+            self.global.tokens.adjust(charge.at_us, dt);
         }
-        self.global.tokens.adjust(charge.at_us, delta);
         if charge.at_us / DAY_US == self.day {
-            self.spent_today = if delta >= 0 {
-                self.spent_today.saturating_add(delta as u64)
-            } else {
-                self.spent_today.saturating_sub(delta.unsigned_abs())
-            };
+            let spent =
+                i128::from(self.spent_today) + i128::from(tokens) - i128::from(charge.tokens);
+            self.spent_today = spent.clamp(0, i128::from(u64::MAX)) as u64;
         }
     }
 }
@@ -284,7 +321,7 @@ mod tests {
         };
         let c = q.admit(Some(b"a"), 1, 90, 0, &l).unwrap();
         assert!(q.admit(Some(b"a"), 1, 20, 1, &l).is_err());
-        q.settle(&c, 10);
+        q.settle(&c, 1, 10);
         assert_eq!(q.spent_today(2), 10);
         assert!(q.admit(Some(b"a"), 1, 80, 2, &l).is_ok());
     }
@@ -298,12 +335,57 @@ mod tests {
         };
         let noon = 10 * DAY_US + DAY_US / 2;
         let c = q.admit(None, 1, 60, noon, &l).unwrap();
-        q.settle(&c, 120);
+        q.settle(&c, 1, 120);
         let r = q.admit(None, 1, 1, noon + 1, &l).unwrap_err();
         assert_eq!(r.class, Class::Budget);
         assert_eq!(r.retry_after_ms, Some(DAY_US / 2 / 1000));
         assert!(q.admit(None, 1, 1, 11 * DAY_US, &l).is_ok());
         assert_eq!(q.spent_today(11 * DAY_US), 1);
+    }
+
+    #[test]
+    fn a_refund_returns_requests_and_survives_huge_numbers() {
+        let mut q = Quotas::new(10);
+        let l = Limits {
+            tenant_requests: 1,
+            daily_tokens: 100,
+            ..limits()
+        };
+        let c = q.admit(Some(b"a"), 1, 1 << 53, 5, &l).unwrap();
+        q.settle(&c, 0, 0);
+        assert_eq!(q.spent_today(6), 0);
+        assert!(q.admit(Some(b"a"), 1, 1, 7, &l).is_ok());
+    }
+
+    #[test]
+    fn the_clock_stepping_back_changes_nothing() {
+        let mut q = Quotas::new(10);
+        let l = Limits {
+            daily_tokens: 10,
+            ..limits()
+        };
+        let c = q.admit(None, 1, 10, 2 * DAY_US, &l).unwrap();
+        // Back across midnight: the budget is not reset.
+        assert!(q.admit(None, 1, 1, 2 * DAY_US - 5, &l).is_err());
+        q.settle(&c, 1, 4);
+        assert_eq!(q.spent_today(2 * DAY_US - 5), 4);
+    }
+
+    #[test]
+    fn a_new_window_length_ignores_old_charges() {
+        let mut q = Quotas::new(10);
+        let l = Limits {
+            global_tokens: 10,
+            ..limits()
+        };
+        let c = q.admit(None, 1, 10, 0, &l).unwrap();
+        let short = Limits {
+            window_us: 1_000_000,
+            ..l
+        };
+        assert!(q.admit(None, 1, 10, 1, &short).is_ok());
+        q.settle(&c, 1, 0); // must not free the new window's tokens
+        assert!(q.admit(None, 1, 1, 2, &short).is_err());
     }
 
     #[test]

@@ -67,10 +67,51 @@ pub fn admit(tenant: Option<&[u8]>, requests: u64, tokens: u64) -> Result<Charge
     )))
 }
 
-/// Replaces the charge's token estimate with the upstream's `usage`
-/// (0 when the call failed: failed calls are not billed).
-pub fn settle(charge: &Charge, actual_tokens: u64) {
-    quotas().settle(charge, actual_tokens);
+/// One upstream request's charge until it is settled. Dropping it (a
+/// panicking job) settles as a failed call: the request counts, the tokens
+/// are refunded.
+pub struct Bill(Option<Charge>);
+
+impl Bill {
+    pub fn new(charge: Option<Charge>) -> Bill {
+        Bill(charge)
+    }
+
+    fn settle(
+        &mut self,
+        requests: impl FnOnce(&Charge) -> u64,
+        tokens: impl FnOnce(&Charge) -> u64,
+    ) {
+        if let Some(c) = self.0.take() {
+            let (r, t) = (requests(&c), tokens(&c));
+            quotas().settle(&c, r, t);
+        }
+    }
+
+    /// The call never went upstream: nothing is owed.
+    pub fn refund(mut self) {
+        self.settle(|_| 0, |_| 0);
+    }
+
+    /// The upstream answered, reporting `usage` tokens. An answer without
+    /// `usage` (0) keeps the estimate rather than billing nothing.
+    pub fn succeeded(mut self, usage: u64) {
+        self.settle(
+            |c| c.requests,
+            |c| if usage == 0 { c.tokens } else { usage },
+        );
+    }
+
+    /// The upstream was called and failed: failed calls bill no tokens.
+    pub fn failed(mut self) {
+        self.settle(|c| c.requests, |_| 0);
+    }
+}
+
+impl Drop for Bill {
+    fn drop(&mut self) {
+        self.settle(|c| c.requests, |_| 0);
+    }
 }
 
 /// (tokens spent today, budget left or -1 when unlimited) for INFO.

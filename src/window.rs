@@ -71,7 +71,7 @@ impl Window {
 
     /// Oldest bucket index that overlaps `(now - W, now]`.
     fn oldest(&self, now: u64) -> u64 {
-        let first = (now + 1).saturating_sub(self.window_us);
+        let first = now.saturating_add(1).saturating_sub(self.window_us);
         (first / self.width()).max(self.head.saturating_sub(RING as u64 - 1))
     }
 
@@ -123,7 +123,10 @@ impl Window {
     /// When bucket `b` stops overlapping the window: the first `t` with
     /// `(t + 1 - W) / g > b`.
     fn expires_at(&self, b: u64) -> u64 {
-        ((b + 1) * self.width() + self.window_us).saturating_sub(1)
+        b.saturating_add(1)
+            .saturating_mul(self.width())
+            .saturating_add(self.window_us)
+            .saturating_sub(1)
     }
 
     fn time_until_free(&self, now: u64, need: u64) -> u64 {
@@ -188,12 +191,15 @@ impl Window {
         for (i, c) in counts.iter_mut().enumerate() {
             *c = word(3 + i);
         }
-        Some(Window {
+        let w = Window {
             window_us: word(0).max(1),
             head: word(1),
             last_us: word(2),
             counts,
-        })
+        };
+        // Only states this code can produce: the newest bucket is the
+        // latest time's bucket.
+        (w.head == w.last_us / w.width()).then_some(w)
     }
 }
 
@@ -353,6 +359,14 @@ mod tests {
         let mut bad = bytes.clone();
         bad[0] = b'X';
         assert_eq!(Window::decode(&bad), None);
+        // A crafted state with an inconsistent head is foreign, and extreme
+        // times cannot overflow.
+        let mut forged = bytes.clone();
+        forged[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(Window::decode(&forged), None);
+        let mut late = Window::new(u64::MAX);
+        let d = late.check(u64::MAX, 5, 1);
+        assert!(d.allowed && d.remaining == 4);
     }
 
     #[test]

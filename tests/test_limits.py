@@ -239,3 +239,29 @@ def test_tenant_option_is_validated(lim):
                       (["TENANT", "x" * 257], "TENANT must be 1 to 256 bytes")):
         with pytest.raises(redis.ResponseError, match=msg):
             fetch(lim, "v", "a", opts=opts)
+
+
+def test_huge_max_tokens_cannot_break_the_budget(lim, upstream):
+    lim.config_set("aicache.daily-token-budget", 1000)
+    req = {**REQ, "max_tokens": 2**64 - 1}
+    llm(lim, req)  # admitted: nothing spent yet; settled to the real usage
+    info = info_fields(lim)
+    assert info["tokens_spent_today"] == 10 and info["daily_budget_left"] == 990
+    upstream.fault("status", status=400)
+    with pytest.raises(redis.ResponseError, match="HTTP 400"):
+        llm(lim, {**req, "seed": 1})
+    assert info_fields(lim)["tokens_spent_today"] == 10, "a failed call must be refunded"
+
+
+def test_a_chat_follower_is_not_charged(lim, upstream):
+    lim.config_set("aicache.tenant-max-requests", 1)
+    upstream.latency(400)
+    port = lim.connection_pool.connection_kwargs["port"]
+    t = threading.Thread(target=lambda: llm(redis.Redis(port=port), REQ, "TENANT", "payer"))
+    t.start()
+    wait_for(lambda: info_fields(lim)["fills_in_flight"] == 1, what="fill")
+    llm(lim, REQ, "TENANT", "rider")
+    t.join()
+    upstream.latency(0)
+    llm(lim, {**REQ, "seed": 2}, "TENANT", "rider")
+    assert upstream.calls() == 2
