@@ -63,7 +63,13 @@ pub struct FetchOptions {
 /// Longest TIMEOUT a call may ask for: one day.
 const MAX_WAIT_MS: u64 = 86_400_000;
 
-fn number(arg: Option<&RedisString>, what: &str, min: u64, max: u64) -> Result<u64, RedisError> {
+/// An integer argument in `min..=max`, or an error naming it and the range.
+pub fn number(
+    arg: Option<&RedisString>,
+    what: &str,
+    min: u64,
+    max: u64,
+) -> Result<u64, RedisError> {
     let bad = || error(format!("ERR {what} must be an integer from {min} to {max}"));
     let arg = arg.ok_or_else(bad)?;
     let n: u64 = std::str::from_utf8(arg.as_slice())

@@ -340,7 +340,7 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let db = ffi::selected_db(ctx);
     let fill_keys: Vec<Vec<u8>> = missing
         .iter()
-        .map(|&s| fill_key(&unique[s].0, db, opts.nostore))
+        .map(|&s| fetch::fill_key(&unique[s].0, db, opts.nostore))
         .collect();
     let estimate = |slot: usize| estimate_tokens(texts[unique[slot].1].len());
     let batch = cfg.batch_size.max(1);
@@ -402,14 +402,4 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         .collect();
     fetch::submit(jobs);
     Ok(RedisValue::NoReply)
-}
-
-/// The single-flight key. A fill stores into one DB, so callers in other
-/// DBs do not share it; NOSTORE fills never store, so only other NOSTORE
-/// calls may share them.
-pub fn fill_key(key: &[u8], db: i32, nostore: bool) -> Vec<u8> {
-    let mut k = key.to_vec();
-    k.extend_from_slice(&db.to_be_bytes());
-    k.push(u8::from(nostore));
-    k
 }

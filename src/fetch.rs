@@ -122,7 +122,7 @@ impl Call {
                 }
                 if st.missing == 0 {
                     let b = st.blocked.take();
-                    let reply = render(&mut st);
+                    let reply = render(&st);
                     drop(st);
                     if let Some(b) = b {
                         b.unblock(reply);
@@ -138,7 +138,7 @@ impl Call {
     }
 }
 
-fn render(st: &mut CallState) -> Reply {
+fn render(st: &CallState) -> Reply {
     let slots: Vec<Arc<[u8]>> = st
         .slots
         .iter()
@@ -205,6 +205,16 @@ fn complete(results: impl Iterator<Item = (u64, FillResult)>) {
             w.call.deliver(w.slot, &r);
         }
     }
+}
+
+/// The single-flight key. A fill stores into one DB, so callers in other
+/// DBs do not share it; NOSTORE fills never store, so only other NOSTORE
+/// calls may share them.
+pub fn fill_key(key: &[u8], db: i32, nostore: bool) -> Vec<u8> {
+    let mut k = key.to_vec();
+    k.extend_from_slice(&db.to_be_bytes());
+    k.push(u8::from(nostore));
+    k
 }
 
 /// The missing entries of one call, to be joined to fills.
@@ -313,14 +323,14 @@ pub fn abandon_all(msg: &str) {
 }
 
 /// Replies at once with a call's result when nothing is missing.
-pub fn reply_complete(ctx: &Context, mut slots: Vec<Option<Arc<[u8]>>>, shape: Shape) {
-    let mut st = CallState {
+pub fn reply_complete(ctx: &Context, slots: Vec<Option<Arc<[u8]>>>, shape: Shape) {
+    let st = CallState {
         blocked: None,
         missing: 0,
-        slots: std::mem::take(&mut slots),
+        slots,
         shape,
     };
-    ffi::send_now(ctx, render(&mut st));
+    ffi::send_now(ctx, render(&st));
 }
 
 /// Misses need a real block and a master that may write; anything else

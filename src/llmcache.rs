@@ -1,14 +1,11 @@
 //! LLMCACHE.* command handlers. A request is keyed by its canonical form
 //! (see canon.rs); a response is stored byte for byte once validated.
 
-use std::sync::Arc;
-
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
 use crate::canon::{canonical_request, upstream_body, validate_response};
 use crate::cmd::{check_len, ex_option, expire_at, fetch_options, namespace};
 use crate::config::Settings;
-use crate::embcache::fill_key;
 use crate::fetch::{self, Begun, Misses, Shape};
 use crate::ffi::{self, error};
 use crate::fill::{Job, LlmJob, Store};
@@ -98,22 +95,23 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let cfg = Settings::snapshot();
     let opts = fetch_options(&args[3..], false, 0)?;
     let (key, temperature) = request_key(&cfg, &args)?;
-    let body = upstream_body(args[2].as_slice()).map_err(error)?;
     // A sampled answer is still fetched for the caller, just not kept.
     let nostore = opts.nostore || (temperature > 0.0 && !cfg.cache_sampled);
     if !opts.refresh {
-        let hit = ffi::with_string(ctx, &key, |v| v.map(Arc::<[u8]>::from))?;
-        if let Some(v) = hit {
+        // Straight from the key's buffer, as LLMCACHE.GET does.
+        let hit = ffi::with_string(ctx, &key, |v| v.map(|v| ffi::reply_bytes(ctx, v)))?;
+        if let Some(sent) = hit {
             STATS.hits.incr();
-            return Ok(ffi::send_now(ctx, ffi::Reply::Bulk(v)));
+            return Ok(sent);
         }
     }
+    let body = upstream_body(args[2].as_slice()).map_err(error)?;
     STATS.misses.incr();
     fetch::check_can_fill(ctx, 1)?;
     fetch::check_failures(std::iter::once(key.as_slice()))?;
     let db = ffi::selected_db(ctx);
     let misses = Misses {
-        entries: vec![(fill_key(&key, db, nostore), 0)],
+        entries: vec![(fetch::fill_key(&key, db, nostore), 0)],
     };
     let timeout = opts.timeout_ms.unwrap_or(cfg.wait_timeout_ms);
     let tokens = estimate_tokens(body.len()).saturating_add(max_output_tokens(&body));

@@ -5,7 +5,7 @@
 
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
-use crate::cmd::{is_word, unknown_option};
+use crate::cmd::{is_word, number, unknown_option};
 use crate::ffi::{self, error};
 use crate::ttl::now_us;
 use crate::window::Window;
@@ -14,14 +14,6 @@ use crate::window::Window;
 pub const MAX_AMOUNT: u64 = 1 << 53;
 /// Longest window: one year.
 pub const MAX_WINDOW_MS: u64 = 366 * 86_400_000;
-
-fn integer(arg: &RedisString, what: &str, max: u64) -> Result<u64, RedisError> {
-    std::str::from_utf8(arg.as_slice())
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .filter(|n| (1..=max).contains(n))
-        .ok_or_else(|| error(format!("ERR {what} must be an integer from 1 to {max}")))
-}
 
 fn ms(us: u64) -> i64 {
     us.div_ceil(1000) as i64
@@ -32,12 +24,12 @@ fn ms(us: u64) -> i64 {
 pub fn throttle(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let cost = match args.len() {
         4 => 1,
-        6 if is_word(&args[4], "COST") => integer(&args[5], "COST", MAX_AMOUNT)?,
+        6 if is_word(&args[4], "COST") => number(Some(&args[5]), "COST", 1, MAX_AMOUNT)?,
         5 | 6 => return Err(unknown_option(&args[4], "COST n")),
         _ => return Err(RedisError::WrongArity),
     };
-    let max = integer(&args[2], "max", MAX_AMOUNT)?;
-    let window_us = integer(&args[3], "window-ms", MAX_WINDOW_MS)? * 1000;
+    let max = number(Some(&args[2]), "max", 1, MAX_AMOUNT)?;
+    let window_us = number(Some(&args[3]), "window-ms", 1, MAX_WINDOW_MS)? * 1000;
     let key = args[1].as_slice();
     let stored = ffi::with_string(ctx, key, |v| v.map(Window::decode))?;
     let mut window = match stored {
