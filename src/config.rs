@@ -7,13 +7,13 @@ use std::sync::Mutex;
 use redis_module::configuration::ConfigurationContext;
 use redis_module::{ConfigurationValue, RedisError, RedisString};
 
-use crate::keys::validate_prefix;
-use crate::upstream::reload_api_key;
+use crate::fill::upstream::reload_api_key;
+use crate::model::keys::validate_prefix;
 
 /// Seconds an entry lives when no `EX` is given; 0 keeps entries forever.
-pub static DEFAULT_TTL: Bounded = Bounded::new(86_400, 0, crate::ttl::MAX_TTL_SECS as i64);
+pub static DEFAULT_TTL: Bounded = Bounded::new(86_400, 0, crate::model::ttl::MAX_TTL_SECS as i64);
 /// Each TTL is drawn uniformly from `ttl +/- ttl * pct / 100`.
-pub static TTL_JITTER_PCT: Bounded = Bounded::new(10, 0, crate::ttl::MAX_JITTER_PCT as i64);
+pub static TTL_JITTER_PCT: Bounded = Bounded::new(10, 0, crate::model::ttl::MAX_JITTER_PCT as i64);
 /// Largest text accepted, in bytes, before normalisation.
 pub static MAX_TEXT_BYTES: Bounded = Bounded::new(32_768, 1, 64 * 1024 * 1024);
 /// Largest vector accepted, in dimensions.

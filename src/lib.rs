@@ -1,29 +1,13 @@
 //! aicache: a Redis module that caches embedding vectors and LLM responses
 //! for every app instance at once. This file only wires things together.
 
-pub mod canon;
-mod cmd;
-pub mod codec;
+mod commands;
 pub mod config;
-mod embcache;
-pub mod embed;
-pub mod errors;
-pub mod failmem;
-mod fetch;
-mod ffi;
 mod fill;
-pub mod inflight;
-pub mod keys;
-mod llmcache;
-mod pool;
-pub mod quota;
-pub mod retry;
-mod spend;
-mod stats;
-mod throttle;
-pub mod ttl;
-pub mod upstream;
-pub mod window;
+mod limits;
+pub mod model;
+mod redis;
+pub mod stats;
 
 use redis_module::configuration::ConfigurationFlags;
 use redis_module::{redis_module, Context, InfoContext, RedisResult, RedisString, Status};
@@ -41,14 +25,14 @@ type Allocator = std::alloc::System;
 const ALLOCATOR: Allocator = std::alloc::System;
 
 fn init(ctx: &Context, _args: &[RedisString]) -> Status {
-    let seed = ttl::now_ms() ^ (std::process::id() as u64).rotate_left(32);
-    cmd::JITTER_RNG.reseed(seed);
-    upstream::reload_api_key();
-    if let Err(e) = pool::start(WORKERS.get_u64() as usize, QUEUE_SIZE.get_u64() as usize) {
-        ctx.log_warning(&errors::sanitize(&e));
+    let seed = model::ttl::now_ms() ^ (std::process::id() as u64).rotate_left(32);
+    model::ttl::JITTER_RNG.reseed(seed);
+    fill::upstream::reload_api_key();
+    if let Err(e) = fill::pool::start(WORKERS.get_u64() as usize, QUEUE_SIZE.get_u64() as usize) {
+        ctx.log_warning(&model::errors::sanitize(&e));
         return Status::Err;
     }
-    ffi::on_shutdown(ctx, shutdown);
+    redis::ffi::on_shutdown(ctx, shutdown);
     Status::Ok
 }
 
@@ -57,8 +41,8 @@ fn init(ctx: &Context, _args: &[RedisString]) -> Status {
 /// the connection close; the error reaches them only if the shutdown fails
 /// and the server carries on.
 fn shutdown() {
-    pool::halt();
-    fetch::abandon_all("ERR aicache is shutting down");
+    fill::pool::halt();
+    fill::fetch::abandon_all("ERR aicache is shutting down");
 }
 
 /// MODULE UNLOAD: Redis refuses it while a client is blocked, but a fill can
@@ -66,11 +50,11 @@ fn shutdown() {
 /// failed), and its worker will want the lock this thread holds. Refuse
 /// until no fill runs, then join the idle workers.
 fn deinit(ctx: &Context) -> Status {
-    if fetch::fills_in_flight() > 0 || pool::queue_depth() > 0 {
+    if fill::fetch::fills_in_flight() > 0 || fill::pool::queue_depth() > 0 {
         ctx.log_warning("aicache: fills are still running; MODULE UNLOAD refused, try again");
         return Status::Err;
     }
-    pool::stop();
+    fill::pool::stop();
     Status::Ok
 }
 
@@ -82,13 +66,13 @@ fn info(ctx: &InfoContext, for_crash_report: bool) -> RedisResult<()> {
     }
     // A crash report may run on a thread that crashed holding these locks.
     if !for_crash_report {
-        let (spent, left) = spend::today();
+        let (spent, left) = limits::spend::today();
         section = section
             .field("tokens_spent_today", spent)?
             .field("daily_budget_left", left)?
-            .field("fills_in_flight", fetch::fills_in_flight() as u64)?
-            .field("queue_depth", pool::queue_depth() as u64)?
-            .field("workers", pool::workers() as u64)?;
+            .field("fills_in_flight", fill::fetch::fills_in_flight() as u64)?
+            .field("queue_depth", fill::pool::queue_depth() as u64)?
+            .field("workers", fill::pool::workers() as u64)?;
     }
     section.build_section()?.build_info()?;
     Ok(())
@@ -102,21 +86,21 @@ redis_module! {
     init: init,
     deinit: deinit,
     commands: [
-        ["embcache.set", embcache::set, "write deny-oom", 1, 1, 1, "", "write"],
-        ["embcache.mset", embcache::mset, "write deny-oom", 1, 1, 1, "", "write"],
-        ["embcache.get", embcache::get, "readonly fast", 1, 1, 1, "", "read"],
-        ["embcache.mget", embcache::mget, "readonly", 1, 1, 1, "", "read"],
-        ["embcache.del", embcache::del, "write", 1, 1, 1, "", "write"],
-        ["embcache.key", embcache::key, "readonly fast", 1, 1, 1, "", "read"],
-        ["llmcache.set", llmcache::set, "write deny-oom", 1, 1, 1, "", "write"],
-        ["llmcache.get", llmcache::get, "readonly", 1, 1, 1, "", "read"],
-        ["llmcache.del", llmcache::del, "write", 1, 1, 1, "", "write"],
-        ["llmcache.key", llmcache::key, "readonly", 1, 1, 1, "", "read"],
+        ["embcache.set", commands::embcache::set, "write deny-oom", 1, 1, 1, "", "write"],
+        ["embcache.mset", commands::embcache::mset, "write deny-oom", 1, 1, 1, "", "write"],
+        ["embcache.get", commands::embcache::get, "readonly fast", 1, 1, 1, "", "read"],
+        ["embcache.mget", commands::embcache::mget, "readonly", 1, 1, 1, "", "read"],
+        ["embcache.del", commands::embcache::del, "write", 1, 1, 1, "", "write"],
+        ["embcache.key", commands::embcache::key, "readonly fast", 1, 1, 1, "", "read"],
+        ["llmcache.set", commands::llmcache::set, "write deny-oom", 1, 1, 1, "", "write"],
+        ["llmcache.get", commands::llmcache::get, "readonly", 1, 1, 1, "", "read"],
+        ["llmcache.del", commands::llmcache::del, "write", 1, 1, 1, "", "write"],
+        ["llmcache.key", commands::llmcache::key, "readonly", 1, 1, 1, "", "read"],
         // FETCH is readonly to Redis so replicas serve its hits; its fills
         // write from workers, hence the write ACL category.
-        ["embcache.fetch", embcache::fetch, "readonly", 1, 1, 1, "", "write"],
-        ["llmcache.fetch", llmcache::fetch, "readonly", 1, 1, 1, "", "write"],
-        ["aicache.throttle", throttle::throttle, "write deny-oom fast", 1, 1, 1, "", "write"],
+        ["embcache.fetch", commands::embcache::fetch, "readonly", 1, 1, 1, "", "write"],
+        ["llmcache.fetch", commands::llmcache::fetch, "readonly", 1, 1, 1, "", "write"],
+        ["aicache.throttle", commands::throttle::throttle, "write deny-oom fast", 1, 1, 1, "", "write"],
     ],
     configurations: [
         i64: [

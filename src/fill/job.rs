@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 use redis_module::{Context, ThreadSafeContext};
 use ureq::Agent;
 
-use crate::canon::validate_response;
-use crate::fetch::{FillResult, Pending};
-use crate::ffi;
-use crate::spend::Bill;
+use crate::fill::fetch::{FillResult, Pending};
+use crate::fill::upstream::{post, Failure};
+use crate::limits::spend::Bill;
+use crate::model::canon::validate_response;
+use crate::model::ttl::{jittered_ms, now_ms};
+use crate::redis::ffi;
 use crate::stats::STATS;
-use crate::ttl::{jittered_ms, now_ms};
-use crate::upstream::{post, Failure};
 
 /// Where and how results are written. None of a job's `store` means NOSTORE.
 pub struct Store {
@@ -96,7 +96,7 @@ pub fn deadline() -> Instant {
 fn fail(pending: Pending, keys: &[Vec<u8>], f: &Failure) {
     let msg = f.message();
     if *f != Failure::Stopped {
-        crate::fetch::remember_failure(keys, &msg);
+        crate::fill::fetch::remember_failure(keys, &msg);
     }
     pending.fail(&msg);
 }
@@ -105,7 +105,7 @@ impl EmbedJob {
     pub fn run(self, agent: &Agent, stopping: &AtomicBool) {
         let n = self.pending.len();
         let parsed = post(agent, &self.url, &self.body, self.deadline, stopping).and_then(|body| {
-            crate::embed::parse_response(&body, n, self.dims, self.max_dims).map_err(|e| {
+            crate::model::embed::parse_response(&body, n, self.dims, self.max_dims).map_err(|e| {
                 let f = Failure::Invalid(e);
                 f.count();
                 f
@@ -199,7 +199,7 @@ fn write(store: &Store, pin: Option<&Pin>, entries: &[(&[u8], &[u8])]) -> Result
                 + jittered_ms(
                     store.ttl_secs,
                     store.jitter_pct,
-                    crate::cmd::JITTER_RNG.next(),
+                    crate::model::ttl::JITTER_RNG.next(),
                 )
         });
         if ffi::set_string(&ctx, key, value, at).is_err() {

@@ -9,11 +9,11 @@ use crate::config::{
     DAILY_TOKEN_BUDGET, GLOBAL_MAX_REQUESTS, GLOBAL_MAX_TOKENS, QUOTA_WINDOW_MS,
     TENANT_MAX_REQUESTS, TENANT_MAX_TOKENS,
 };
-use crate::errors::describe;
-use crate::ffi::error;
-use crate::quota::{Charge, Class, Limits, Quotas};
+use crate::model::errors::describe;
+use crate::model::quota::{Charge, Class, Limits, Quotas};
+use crate::model::ttl::now_us;
+use crate::redis::ffi::error;
 use crate::stats::STATS;
-use crate::ttl::now_us;
 
 /// Tenants whose windows are kept; the least recently charged go first.
 const MAX_TENANTS: usize = 100_000;

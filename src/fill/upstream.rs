@@ -15,8 +15,8 @@ use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 use ureq::Agent;
 
 use crate::config::{self, Bounded};
-use crate::errors::sanitize;
-use crate::retry::{parse_retry_after, Outcome, Policy};
+use crate::model::errors::sanitize;
+use crate::model::retry::{parse_retry_after, Outcome, Policy};
 use crate::stats::STATS;
 
 /// Longest piece of upstream error text passed on to clients.
@@ -195,7 +195,13 @@ pub fn post(
         failure.count();
         let left = deadline.saturating_duration_since(Instant::now());
         let wait = failure.outcome().and_then(|o| {
-            policy.next_wait(&o, retry, retry_after, left, crate::cmd::JITTER_RNG.next())
+            policy.next_wait(
+                &o,
+                retry,
+                retry_after,
+                left,
+                crate::model::ttl::JITTER_RNG.next(),
+            )
         });
         let Some(wait) = wait else {
             return Err(failure);
@@ -254,7 +260,7 @@ fn attempt(
         .headers()
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| parse_retry_after(v, crate::ttl::now_ms() / 1000));
+        .and_then(|v| parse_retry_after(v, crate::model::ttl::now_ms() / 1000));
     let text = resp
         .body_mut()
         .with_config()

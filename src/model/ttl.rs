@@ -52,6 +52,9 @@ pub fn now_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
+/// Drives TTL jitter and retry backoff; seeded at module load.
+pub static JITTER_RNG: SplitMix = SplitMix::new(0);
+
 /// splitmix64 over a shared counter: lock-free, good enough spread for TTLs,
 /// no dependency. Not for anything secret.
 pub struct SplitMix {

@@ -12,7 +12,7 @@ use ureq::Agent;
 
 use crate::stats::STATS;
 
-pub use crate::fill::Job;
+pub use crate::fill::job::Job;
 
 struct Pool {
     tx: Sender<Job>,
@@ -29,7 +29,7 @@ fn pool() -> std::sync::MutexGuard<'static, Option<Pool>> {
 
 pub fn start(workers: usize, queue: usize) -> Result<(), String> {
     let (tx, rx) = bounded::<Job>(queue);
-    let agent = crate::upstream::agent(workers);
+    let agent = crate::fill::upstream::agent(workers);
     let mut threads = Vec::with_capacity(workers);
     for i in 0..workers {
         let rx: Receiver<Job> = rx.clone();

@@ -13,8 +13,8 @@ use redis_module::{
     RedisError, RedisString, RedisValue,
 };
 
-use crate::codec::fp32_to_json;
-use crate::errors::sanitize;
+use crate::model::codec::fp32_to_json;
+use crate::model::errors::sanitize;
 use crate::stats::STATS;
 
 /// Every error reply goes through here: printable ASCII, bounded.

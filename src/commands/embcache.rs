@@ -7,18 +7,18 @@ use std::sync::Arc;
 
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
-use crate::cmd::{
+use crate::commands::args::{
     check_len, ex_option, expire_at, fetch_options, is_word, namespace, unknown_option,
 };
-use crate::codec::{fp32_to_json, is_fp32, parse_vector};
 use crate::config::Settings;
-use crate::embed::request_body;
-use crate::fetch::{self, Begun, Misses, Shape};
-use crate::ffi::{self, error};
-use crate::fill::{EmbedJob, Job, Pin, Store};
-use crate::keys::{collapse_whitespace, Namespace, MAX_MODEL_BYTES};
-use crate::quota::estimate_tokens;
-use crate::spend::{self, Bill};
+use crate::fill::fetch::{self, Begun, Misses, Shape};
+use crate::fill::job::{EmbedJob, Job, Pin, Store};
+use crate::limits::spend::{self, Bill};
+use crate::model::codec::{fp32_to_json, is_fp32, parse_vector};
+use crate::model::embed::request_body;
+use crate::model::keys::{collapse_whitespace, Namespace, MAX_MODEL_BYTES};
+use crate::model::quota::estimate_tokens;
+use crate::redis::ffi::{self, error};
 use crate::stats::STATS;
 
 #[derive(Clone, Copy)]
@@ -363,7 +363,7 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         return Ok(RedisValue::NoReply);
     };
     let url = crate::config::embeddings_url();
-    let deadline = crate::fill::deadline();
+    let deadline = crate::fill::job::deadline();
     let jobs = started
         .chunks(batch)
         .map(|chunk| {

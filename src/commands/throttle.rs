@@ -5,10 +5,10 @@
 
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
-use crate::cmd::{is_word, number, unknown_option};
-use crate::ffi::{self, error};
-use crate::ttl::now_us;
-use crate::window::Window;
+use crate::commands::args::{is_word, number, unknown_option};
+use crate::model::ttl::now_us;
+use crate::model::window::Window;
+use crate::redis::ffi::{self, error};
 
 /// Largest `max` and `COST`: far above any real quota, far below overflow.
 pub const MAX_AMOUNT: u64 = 1 << 53;

@@ -4,13 +4,10 @@
 use redis_module::{RedisError, RedisString};
 
 use crate::config::Settings;
-use crate::errors::describe;
-use crate::ffi::error;
-use crate::keys::Namespace;
-use crate::ttl::{jittered_ms, now_ms, parse_ex, SplitMix};
-
-/// Drives TTL jitter; seeded at module load.
-pub static JITTER_RNG: SplitMix = SplitMix::new(0);
+use crate::model::errors::describe;
+use crate::model::keys::Namespace;
+use crate::model::ttl::{jittered_ms, now_ms, parse_ex, JITTER_RNG};
+use crate::redis::ffi::error;
 
 pub fn namespace<'a>(cfg: &'a Settings, arg: &'a RedisString) -> Result<Namespace<'a>, RedisError> {
     Namespace::new(&cfg.prefix, arg.as_slice()).map_err(|e| error(e.message()))

@@ -8,7 +8,7 @@ use std::num::NonZeroUsize;
 
 use lru::LruCache;
 
-use crate::window::Window;
+use crate::model::window::Window;
 
 const DAY_US: u64 = 86_400_000_000;
 

@@ -3,14 +3,14 @@
 
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
-use crate::canon::{canonical_request, upstream_body, validate_response};
-use crate::cmd::{check_len, ex_option, expire_at, fetch_options, namespace};
+use crate::commands::args::{check_len, ex_option, expire_at, fetch_options, namespace};
 use crate::config::Settings;
-use crate::fetch::{self, Begun, Misses, Shape};
-use crate::ffi::{self, error};
-use crate::fill::{Job, LlmJob, Store};
-use crate::quota::estimate_tokens;
-use crate::spend::{self, Bill};
+use crate::fill::fetch::{self, Begun, Misses, Shape};
+use crate::fill::job::{Job, LlmJob, Store};
+use crate::limits::spend::{self, Bill};
+use crate::model::canon::{canonical_request, upstream_body, validate_response};
+use crate::model::quota::estimate_tokens;
+use crate::redis::ffi::{self, error};
 use crate::stats::STATS;
 
 /// Validates `args[1]` (ns) and `args[2]` (request) and returns the entry key
@@ -138,7 +138,7 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
                     ttl_secs: cfg.ttl_secs(opts.ex),
                     jitter_pct: cfg.jitter_pct,
                 }),
-                deadline: crate::fill::deadline(),
+                deadline: crate::fill::job::deadline(),
                 bill: Bill::new(charge.clone()),
             }))
         })

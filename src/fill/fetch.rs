@@ -7,13 +7,13 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
 use redis_module::{Context, ContextFlags, RedisError};
 
-use crate::failmem::FailMemory;
-use crate::ffi::{self, Blocked, Reply};
-use crate::fill::Job;
-use crate::inflight::{Join, Registry};
-use crate::pool::{self, Refused};
-use crate::quota::Charge;
-use crate::spend::Bill;
+use crate::fill::job::Job;
+use crate::fill::pool::{self, Refused};
+use crate::limits::spend::Bill;
+use crate::model::failmem::FailMemory;
+use crate::model::inflight::{Join, Registry};
+use crate::model::quota::Charge;
+use crate::redis::ffi::{self, Blocked, Reply};
 use crate::stats::STATS;
 
 pub type FillResult = Result<Arc<[u8]>, Arc<str>>;
@@ -58,7 +58,7 @@ pub fn remember_failure(keys: &[Vec<u8>], msg: &str) {
         return;
     }
     let msg: Arc<str> = Arc::from(msg);
-    let now = crate::ttl::now_ms();
+    let now = crate::model::ttl::now_ms();
     let mut f = failures();
     for k in keys {
         f.remember(k, now, for_ms, msg.clone());
@@ -70,7 +70,7 @@ pub fn check_failures<'a>(keys: impl Iterator<Item = &'a [u8]>) -> Result<(), Re
     if crate::config::FAIL_MEMORY_MS.get_u64() == 0 {
         return Ok(());
     }
-    let now = crate::ttl::now_ms();
+    let now = crate::model::ttl::now_ms();
     let mut f = failures();
     for k in keys {
         if let Some(msg) = f.check(k, now) {
@@ -243,7 +243,7 @@ pub fn begin(
     timeout_ms: u64,
     admit: impl FnOnce(&[usize]) -> Result<Option<Charge>, RedisError>,
 ) -> Result<Option<Begun>, RedisError> {
-    let now = crate::ttl::now_ms();
+    let now = crate::model::ttl::now_ms();
     let mut reg = registry();
     reg.set_limits(
         crate::config::MAX_FILLS.get_u64() as usize,

@@ -1,0 +1,14 @@
+//! Pure logic: no Redis types, no globals but a jitter RNG, time and
+//! randomness passed in. Everything here is unit-tested without a server.
+
+pub mod canon;
+pub mod codec;
+pub mod embed;
+pub mod errors;
+pub mod failmem;
+pub mod inflight;
+pub mod keys;
+pub mod quota;
+pub mod retry;
+pub mod ttl;
+pub mod window;

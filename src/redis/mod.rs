@@ -1,0 +1,4 @@
+//! The Redis adapter: the only code that holds `unsafe`, and the one place
+//! that handles the hazards of shared/field-notes.md.
+
+pub mod ffi;
