@@ -7,8 +7,8 @@ use std::sync::Mutex;
 use redis_module::configuration::ConfigurationContext;
 use redis_module::{ConfigurationValue, RedisError, RedisString};
 
-use crate::fill::upstream::reload_api_key;
 use crate::model::keys::validate_prefix;
+use crate::redis::ffi::OwnedString;
 
 /// Seconds an entry lives when no `EX` is given; 0 keeps entries forever.
 pub static DEFAULT_TTL: Bounded = Bounded::new(86_400, 0, crate::model::ttl::MAX_TTL_SECS as i64);
@@ -30,7 +30,7 @@ pub static CACHE_SAMPLED: AtomicBool = AtomicBool::new(true);
 /// Collapse ASCII whitespace runs in texts before hashing.
 pub static NORMALIZE_WHITESPACE: AtomicBool = AtomicBool::new(false);
 /// Prepended to every key the module writes.
-pub static KEY_PREFIX: Checked = Checked::new(validate_prefix, None);
+pub static KEY_PREFIX: Checked = Checked::new(validate_prefix, DEFAULT_KEY_PREFIX);
 
 pub const DEFAULT_KEY_PREFIX: &str = "aicache:";
 
@@ -41,6 +41,8 @@ pub static QUEUE_SIZE: Bounded = Bounded::new(1024, 1, 1 << 20);
 pub static MAX_FILLS: Bounded = Bounded::new(65_536, 1, 1 << 24);
 /// Texts per embeddings request.
 pub static BATCH_SIZE: Bounded = Bounded::new(100, 1, 2048);
+/// Estimated tokens per embeddings request (OpenAI allows 300,000).
+pub static BATCH_MAX_TOKENS: Bounded = Bounded::new(200_000, 1, 1 << 40);
 /// How long a fill holds its entry; it also bounds the fill's retries.
 pub static LEASE_MS: Bounded = Bounded::new(60_000, 100, 3_600_000);
 /// How long a FETCH waits for its fills unless it passes TIMEOUT.
@@ -57,6 +59,9 @@ pub static GLOBAL_MAX_REQUESTS: Bounded = Bounded::new(0, 0, 1 << 53);
 pub static GLOBAL_MAX_TOKENS: Bounded = Bounded::new(0, 0, 1 << 53);
 /// Tokens per UTC day over all upstream calls.
 pub static DAILY_TOKEN_BUDGET: Bounded = Bounded::new(0, 0, 1 << 53);
+/// Who a spend-limited call belongs to: `arg` (the TENANT argument),
+/// `user` (the caller's ACL user) or `namespace` (its hash tag).
+pub static TENANT_SOURCE: Checked = Checked::new(check_tenant_source, "arg");
 
 // Upstream HTTP.
 pub static CONNECT_TIMEOUT_MS: Bounded = Bounded::new(5_000, 1, 600_000);
@@ -70,15 +75,15 @@ pub static BACKOFF_CAP_MS: Bounded = Bounded::new(5_000, 1, 600_000);
 pub static UPSTREAM_BASE64: AtomicBool = AtomicBool::new(true);
 
 pub const DEFAULT_UPSTREAM_URL: &str = "https://api.openai.com/v1";
-pub static UPSTREAM_URL: Checked = Checked::new(check_base_url, None);
+pub static UPSTREAM_URL: Checked = Checked::new(check_base_url, DEFAULT_UPSTREAM_URL);
 /// Full URL for embeddings; empty means `<upstream-url>/embeddings`.
-pub static EMBEDDINGS_URL: Checked = Checked::new(check_optional_url, None);
+pub static EMBEDDINGS_URL: Checked = Checked::new(check_optional_url, "");
 /// Full URL for chat completions; empty means `<upstream-url>/chat/completions`.
-pub static CHAT_URL: Checked = Checked::new(check_optional_url, None);
+pub static CHAT_URL: Checked = Checked::new(check_optional_url, "");
 /// Name of the environment variable holding the API key.
-pub static API_KEY_ENV: Checked = Checked::new(check_env_name, Some(reload_api_key));
+pub static API_KEY_ENV: Checked = Checked::new(check_env_name, "OPENAI_API_KEY");
 /// File holding the API key; wins over the environment variable.
-pub static API_KEY_FILE: Checked = Checked::new(check_key_file, Some(reload_api_key));
+pub static API_KEY_FILE: Checked = Checked::new(check_key_file, "");
 
 /// An integer config that checks its own range: Redis checks `CONFIG SET`,
 /// but not values given on the `loadmodule` line.
@@ -122,31 +127,33 @@ impl ConfigurationValue<i64> for Bounded {
 }
 
 /// A string config with a validator run on every value, load time included.
-/// `then` runs after a value is stored.
 pub struct Checked {
-    value: Mutex<String>,
+    value: Mutex<Option<String>>,
+    default: &'static str,
     check: fn(&str) -> Result<(), String>,
-    then: Option<fn()>,
+    /// What Redis reads: owned here, so `CONFIG GET` allocates nothing.
+    shown: OwnedString,
 }
 
 impl Checked {
-    pub const fn new(check: fn(&str) -> Result<(), String>, then: Option<fn()>) -> Self {
+    pub const fn new(check: fn(&str) -> Result<(), String>, default: &'static str) -> Self {
         Checked {
-            value: Mutex::new(String::new()),
+            value: Mutex::new(None),
+            default,
             check,
-            then,
+            shown: OwnedString::new(),
         }
     }
 
     pub fn get_string(&self) -> String {
-        self.value.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        let v = self.value.lock().unwrap_or_else(|e| e.into_inner());
+        v.clone().unwrap_or_else(|| self.default.to_string())
     }
 }
 
 impl ConfigurationValue<RedisString> for Checked {
     fn get(&self, _ctx: &ConfigurationContext) -> RedisString {
-        // create() panics on NUL; the slice constructor cannot.
-        RedisString::create_from_slice(std::ptr::null_mut(), self.get_string().as_bytes())
+        self.shown.get(&self.get_string())
     }
 
     fn set(&self, _ctx: &ConfigurationContext, val: RedisString) -> Result<(), RedisError> {
@@ -157,11 +164,10 @@ impl ConfigurationValue<RedisString> for Checked {
                 "value must be printable ASCII without spaces",
             ));
         }
-        (self.check)(s).map_err(RedisError::String)?;
-        *self.value.lock().unwrap_or_else(|e| e.into_inner()) = s.to_string();
-        if let Some(then) = self.then {
-            then();
-        }
+        let checked = std::panic::catch_unwind(|| (self.check)(s))
+            .unwrap_or_else(|_| Err("internal error checking the value".into()));
+        checked.map_err(RedisError::String)?;
+        *self.value.lock().unwrap_or_else(|e| e.into_inner()) = Some(s.to_string());
         Ok(())
     }
 }
@@ -174,6 +180,15 @@ fn check_base_url(s: &str) -> Result<(), String> {
     let authority = rest.split('/').next().unwrap_or("");
     if authority.is_empty() {
         return Err("upstream URL has no host".into());
+    }
+    // The port, if any, follows the last ':' outside an IPv6 literal.
+    let host_end = authority.rfind(']').map_or(0, |i| i + 1);
+    if let Some((_, port)) = authority[host_end..].rsplit_once(':') {
+        if !port.is_empty() && !matches!(port.parse::<u32>(), Ok(1..=65535)) {
+            return Err(format!(
+                "upstream URL port must be 1 to 65535, not '{port}'"
+            ));
+        }
     }
     // Credentials in the URL would show in CONFIG GET.
     if authority.contains('@') {
@@ -193,9 +208,43 @@ fn check_optional_url(s: &str) -> Result<(), String> {
     }
 }
 
-fn check_env_name(s: &str) -> Result<(), String> {
-    if s.is_empty() || s.len() > 128 || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-        return Err("api-key-env must be 1 to 128 letters, digits or underscores".into());
+/// The variable holding the key must look like one: upper-case, ending
+/// in `_API_KEY`, `_KEY` or `_TOKEN`, so a protected-config change cannot
+/// send an arbitrary variable upstream as a Bearer token.
+pub fn check_env_name(s: &str) -> Result<(), String> {
+    let shaped = s.len() <= 128
+        && s.starts_with(|c: char| c.is_ascii_uppercase())
+        && s.bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+        && ["_API_KEY", "_KEY", "_TOKEN"]
+            .iter()
+            .any(|end| s.ends_with(end));
+    if !shaped {
+        return Err(
+            "api-key-env must be an upper-case variable name ending in _API_KEY, _KEY or _TOKEN"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// Largest key file read: keys are short; anything bigger is a mistake.
+pub const MAX_KEY_FILE_BYTES: u64 = 4096;
+
+/// A key file must be a regular file (links to one are followed) of sane
+/// size that not everyone may write.
+pub fn check_key_meta(meta: &std::fs::Metadata) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    if !meta.is_file() {
+        return Err("api-key-file is not a regular file".into());
+    }
+    if meta.len() == 0 || meta.len() > MAX_KEY_FILE_BYTES {
+        return Err(format!(
+            "api-key-file must hold 1 to {MAX_KEY_FILE_BYTES} bytes"
+        ));
+    }
+    if meta.mode() & 0o002 != 0 {
+        return Err("api-key-file is writable by everyone".into());
     }
     Ok(())
 }
@@ -205,15 +254,16 @@ fn check_key_file(s: &str) -> Result<(), String> {
         return Ok(());
     }
     // Only the error kind: the message could quote the file.
-    std::fs::metadata(s)
-        .map_err(|e| format!("api-key-file cannot be read: {}", e.kind()))
-        .and_then(|m| {
-            if m.is_file() {
-                Ok(())
-            } else {
-                Err("api-key-file is not a regular file".into())
-            }
-        })
+    let meta =
+        std::fs::metadata(s).map_err(|e| format!("api-key-file cannot be read: {}", e.kind()))?;
+    check_key_meta(&meta)
+}
+
+fn check_tenant_source(s: &str) -> Result<(), String> {
+    match s {
+        "arg" | "user" | "namespace" => Ok(()),
+        _ => Err("tenant-source must be arg, user or namespace".into()),
+    }
 }
 
 /// One consistent view of the configs for the length of a command.
@@ -229,8 +279,13 @@ pub struct Settings {
     pub max_response_bytes: usize,
     pub cache_sampled: bool,
     pub batch_size: usize,
+    pub batch_max_tokens: u64,
     pub wait_timeout_ms: u64,
+    pub lease_ms: u64,
+    pub max_fills: usize,
+    pub fail_memory_ms: u64,
     pub base64: bool,
+    pub tenant_source: String,
 }
 
 impl Settings {
@@ -247,14 +302,22 @@ impl Settings {
             max_response_bytes: MAX_RESPONSE_BYTES.get_u64() as usize,
             cache_sampled: CACHE_SAMPLED.load(Ordering::Relaxed),
             batch_size: BATCH_SIZE.get_u64() as usize,
+            batch_max_tokens: BATCH_MAX_TOKENS.get_u64(),
             wait_timeout_ms: WAIT_TIMEOUT_MS.get_u64(),
+            lease_ms: LEASE_MS.get_u64(),
+            max_fills: MAX_FILLS.get_u64() as usize,
+            fail_memory_ms: FAIL_MEMORY_MS.get_u64(),
             base64: UPSTREAM_BASE64.load(Ordering::Relaxed),
+            tenant_source: TENANT_SOURCE.get_string(),
         }
     }
 
-    /// Seconds to keep a fill's entries: EX, else the default.
-    pub fn ttl_secs(&self, ex: Option<u64>) -> u64 {
-        ex.unwrap_or(self.default_ttl_secs)
+    /// How a fill keeps its entries: EX, else the default TTL, jittered.
+    pub fn expiry(&self, ex: Option<u64>) -> crate::model::ttl::Expiry {
+        crate::model::ttl::Expiry {
+            ttl_secs: ex.unwrap_or(self.default_ttl_secs),
+            jitter_pct: self.jitter_pct,
+        }
     }
 }
 

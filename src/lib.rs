@@ -27,13 +27,30 @@ const ALLOCATOR: Allocator = std::alloc::System;
 fn init(ctx: &Context, _args: &[RedisString]) -> Status {
     let seed = model::ttl::now_ms() ^ (std::process::id() as u64).rotate_left(32);
     model::ttl::JITTER_RNG.reseed(seed);
-    fill::upstream::reload_api_key();
+    redis::blocked::init(ctx);
     if let Err(e) = fill::pool::start(WORKERS.get_u64() as usize, QUEUE_SIZE.get_u64() as usize) {
         ctx.log_warning(&model::errors::sanitize(&e));
         return Status::Err;
     }
     redis::ffi::on_shutdown(ctx, shutdown);
+    redis::ffi::on_flush(ctx, fill::pins::forget_db);
+    redis::ffi::on_resetstat(ctx, || stats::STATS.reset());
+    log_key_source();
     Status::Ok
+}
+
+/// Which key source is in use (never the key), and a warning when the key
+/// would cross the network in clear text.
+fn log_key_source() {
+    let line = model::errors::sanitize(&fill::apikey::describe_source());
+    redis_module::logging::log_notice(&line);
+    if let Some(w) = fill::apikey::cleartext_warning() {
+        redis_module::logging::log_warning(model::errors::sanitize(&w));
+    }
+}
+
+fn on_key_config<T>(_: &redis_module::configuration::ConfigurationContext, _: &str, _: &'static T) {
+    let _ = std::panic::catch_unwind(log_key_source);
 }
 
 /// Workers stop retrying and every waiter is released with an error. Redis
@@ -42,15 +59,19 @@ fn init(ctx: &Context, _args: &[RedisString]) -> Status {
 /// and the server carries on.
 fn shutdown() {
     fill::pool::halt();
-    fill::fetch::abandon_all("ERR aicache is shutting down");
+    fill::pipeline::abandon_all("ERR aicache is shutting down");
 }
 
 /// MODULE UNLOAD: Redis refuses it while a client is blocked, but a fill can
 /// outlive its callers (they timed out, or another part of their call
 /// failed), and its worker will want the lock this thread holds. Refuse
-/// until no fill runs, then join the idle workers.
+/// until no fill runs and no deadline timer is pending, then join the idle
+/// workers.
 fn deinit(ctx: &Context) -> Status {
-    if fill::fetch::fills_in_flight() > 0 || fill::pool::queue_depth() > 0 {
+    if fill::pipeline::fills_in_flight() > 0
+        || fill::pool::queue_depth() > 0
+        || redis::blocked::live_timers() > 0
+    {
         ctx.log_warning("aicache: fills are still running; MODULE UNLOAD refused, try again");
         return Status::Err;
     }
@@ -60,6 +81,17 @@ fn deinit(ctx: &Context) -> Status {
 
 #[linkme::distributed_slice(redis_module::server_events::INFO_COMMAND_HANDLER_LIST)]
 fn info(ctx: &InfoContext, for_crash_report: bool) -> RedisResult<()> {
+    let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        info_section(ctx, for_crash_report)
+    }));
+    built.unwrap_or_else(|_| {
+        stats::STATS.handler_panics.incr();
+        Ok(())
+    })
+}
+
+fn info_section(ctx: &InfoContext, for_crash_report: bool) -> RedisResult<()> {
+    commands::debug::maybe_panic(commands::debug::Site::Info);
     let mut section = ctx.builder().add_section("fills");
     for (name, value) in stats::STATS.fields() {
         section = section.field(name, value)?;
@@ -70,9 +102,10 @@ fn info(ctx: &InfoContext, for_crash_report: bool) -> RedisResult<()> {
         section = section
             .field("tokens_spent_today", spent)?
             .field("daily_budget_left", left)?
-            .field("fills_in_flight", fill::fetch::fills_in_flight() as u64)?
+            .field("fills_in_flight", fill::pipeline::fills_in_flight() as u64)?
             .field("queue_depth", fill::pool::queue_depth() as u64)?
-            .field("workers", fill::pool::workers() as u64)?;
+            .field("workers", fill::pool::workers() as u64)?
+            .field("deadline_timers", redis::blocked::live_timers())?;
     }
     section.build_section()?.build_info()?;
     Ok(())
@@ -86,21 +119,23 @@ redis_module! {
     init: init,
     deinit: deinit,
     commands: [
-        ["embcache.set", commands::embcache::set, "write deny-oom", 1, 1, 1, "", "write"],
-        ["embcache.mset", commands::embcache::mset, "write deny-oom", 1, 1, 1, "", "write"],
-        ["embcache.get", commands::embcache::get, "readonly fast", 1, 1, 1, "", "read"],
-        ["embcache.mget", commands::embcache::mget, "readonly", 1, 1, 1, "", "read"],
-        ["embcache.del", commands::embcache::del, "write", 1, 1, 1, "", "write"],
-        ["embcache.key", commands::embcache::key, "readonly fast", 1, 1, 1, "", "read"],
-        ["llmcache.set", commands::llmcache::set, "write deny-oom", 1, 1, 1, "", "write"],
-        ["llmcache.get", commands::llmcache::get, "readonly", 1, 1, 1, "", "read"],
-        ["llmcache.del", commands::llmcache::del, "write", 1, 1, 1, "", "write"],
-        ["llmcache.key", commands::llmcache::key, "readonly", 1, 1, 1, "", "read"],
+        ["embcache.set", commands::embcache_set, "write deny-oom", 1, 1, 1, "", "write"],
+        ["embcache.mset", commands::embcache_mset, "write deny-oom", 1, 1, 1, "", "write"],
+        ["embcache.get", commands::embcache_get, "readonly fast", 1, 1, 1, "", "read"],
+        ["embcache.mget", commands::embcache_mget, "readonly", 1, 1, 1, "", "read"],
+        ["embcache.del", commands::embcache_del, "write", 1, 1, 1, "", "write"],
+        ["embcache.key", commands::embcache_key, "readonly fast", 1, 1, 1, "", "read"],
+        ["embcache.dims", commands::embcache_dims, "write", 1, 1, 1, "", "write"],
+        ["llmcache.set", commands::llmcache_set, "write deny-oom", 1, 1, 1, "", "write"],
+        ["llmcache.get", commands::llmcache_get, "readonly", 1, 1, 1, "", "read"],
+        ["llmcache.del", commands::llmcache_del, "write", 1, 1, 1, "", "write"],
+        ["llmcache.key", commands::llmcache_key, "readonly", 1, 1, 1, "", "read"],
         // FETCH is readonly to Redis so replicas serve its hits; its fills
         // write from workers, hence the write ACL category.
-        ["embcache.fetch", commands::embcache::fetch, "readonly", 1, 1, 1, "", "write"],
-        ["llmcache.fetch", commands::llmcache::fetch, "readonly", 1, 1, 1, "", "write"],
-        ["aicache.throttle", commands::throttle::throttle, "write deny-oom fast", 1, 1, 1, "", "write"],
+        ["embcache.fetch", commands::embcache_fetch, "readonly", 1, 1, 1, "", "write"],
+        ["llmcache.fetch", commands::llmcache_fetch, "readonly", 1, 1, 1, "", "write"],
+        ["aicache.throttle", commands::aicache_throttle, "write deny-oom fast", 1, 1, 1, "", "write"],
+        ["aicache.debug", commands::aicache_debug, "admin", 0, 0, 0, "", ""],
     ],
     configurations: [
         i64: [
@@ -115,6 +150,7 @@ redis_module! {
             ["queue-size", &QUEUE_SIZE, QUEUE_SIZE.default, QUEUE_SIZE.min, QUEUE_SIZE.max, ConfigurationFlags::IMMUTABLE, None],
             ["max-fills", &MAX_FILLS, MAX_FILLS.default, MAX_FILLS.min, MAX_FILLS.max, ConfigurationFlags::DEFAULT, None],
             ["batch-size", &BATCH_SIZE, BATCH_SIZE.default, BATCH_SIZE.min, BATCH_SIZE.max, ConfigurationFlags::DEFAULT, None],
+            ["batch-max-tokens", &BATCH_MAX_TOKENS, BATCH_MAX_TOKENS.default, BATCH_MAX_TOKENS.min, BATCH_MAX_TOKENS.max, ConfigurationFlags::DEFAULT, None],
             ["lease-ms", &LEASE_MS, LEASE_MS.default, LEASE_MS.min, LEASE_MS.max, ConfigurationFlags::DEFAULT, None],
             ["wait-timeout-ms", &WAIT_TIMEOUT_MS, WAIT_TIMEOUT_MS.default, WAIT_TIMEOUT_MS.min, WAIT_TIMEOUT_MS.max, ConfigurationFlags::DEFAULT, None],
             ["fail-memory-ms", &FAIL_MEMORY_MS, FAIL_MEMORY_MS.default, FAIL_MEMORY_MS.min, FAIL_MEMORY_MS.max, ConfigurationFlags::DEFAULT, None],
@@ -135,11 +171,12 @@ redis_module! {
             ["key-prefix", &KEY_PREFIX, DEFAULT_KEY_PREFIX, ConfigurationFlags::DEFAULT, None],
             // Where requests and the key go is the admin's call: PROTECTED
             // refuses CONFIG SET unless enable-protected-configs allows it.
-            ["upstream-url", &UPSTREAM_URL, DEFAULT_UPSTREAM_URL, ConfigurationFlags::PROTECTED, None],
+            ["upstream-url", &UPSTREAM_URL, DEFAULT_UPSTREAM_URL, ConfigurationFlags::PROTECTED, Some(Box::new(on_key_config))],
             ["upstream-embeddings-url", &EMBEDDINGS_URL, "", ConfigurationFlags::PROTECTED, None],
             ["upstream-chat-url", &CHAT_URL, "", ConfigurationFlags::PROTECTED, None],
-            ["api-key-env", &API_KEY_ENV, "OPENAI_API_KEY", ConfigurationFlags::PROTECTED, None],
-            ["api-key-file", &API_KEY_FILE, "", ConfigurationFlags::PROTECTED, None],
+            ["api-key-env", &API_KEY_ENV, "OPENAI_API_KEY", ConfigurationFlags::PROTECTED, Some(Box::new(on_key_config))],
+            ["api-key-file", &API_KEY_FILE, "", ConfigurationFlags::PROTECTED, Some(Box::new(on_key_config))],
+            ["tenant-source", &TENANT_SOURCE, "arg", ConfigurationFlags::DEFAULT, None],
         ],
         bool: [
             ["normalize-whitespace", &NORMALIZE_WHITESPACE, false, ConfigurationFlags::DEFAULT, None],

@@ -30,6 +30,11 @@ macro_rules! counters {
         pub static STATS: Stats = Stats { $($name: Counter::new(),)* };
 
         impl Stats {
+            /// CONFIG RESETSTAT.
+            pub fn reset(&self) {
+                $(self.$name.0.store(0, Ordering::Relaxed);)*
+            }
+
             /// Every counter with its INFO field name.
             pub fn fields(&self) -> Vec<(&'static str, u64)> {
                 vec![$((stringify!($name), self.$name.get()),)*]
@@ -61,6 +66,8 @@ counters!(
     wait_timeouts,
     worker_panics,
     writes_skipped,
+    batch_splits,
+    handler_panics,
     tokens_prompt,
     tokens_completion,
     tokens_total,

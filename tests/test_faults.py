@@ -15,11 +15,9 @@ from test_fetch import M, REQ, expected, fetch, llm
 
 # (kind, fault options, configs, error pattern, upstream calls with retries 2)
 EMB_FAULTS = [
-    ("status", {"status": 400}, {}, "HTTP 400: injected failure", 1),
     ("status", {"status": 401}, {}, "HTTP 401", 1),
     ("status", {"status": 403}, {}, "HTTP 403", 1),
     ("status", {"status": 404}, {}, "HTTP 404", 1),
-    ("status", {"status": 422}, {}, "HTTP 422", 1),
     ("status", {"status": 429, "times": 3}, {}, "HTTP 429", 3),
     ("status", {"status": 500, "times": 3}, {}, "HTTP 500", 3),
     ("status", {"status": 502, "times": 3}, {}, "HTTP 502", 3),
@@ -34,8 +32,36 @@ EMB_FAULTS = [
     ("oversized", {"bytes": 200_000}, {"aicache.upstream-max-bytes": 100_000}, "larger than aicache.upstream-max-bytes", 1),
     ("slow_drip", {"interval_ms": 50}, {"aicache.upstream-timeout-ms": 300, "aicache.upstream-retries": 0}, "timed out after 300 ms", 1),
     ("reset", {"times": 3}, {}, "connection failed", 3),
-    ("cjk_error", {}, {}, r"HTTP 400: \?+", 1),
 ]
+
+# Refusals that may name one input: the batch is split until each refused
+# input stands alone; those become error elements, nothing is stored.
+INPUT_FAULTS = [
+    ("status", {"status": 400}, "HTTP 400: injected failure"),
+    ("status", {"status": 413}, "HTTP 413"),
+    ("status", {"status": 422}, "HTTP 422"),
+    ("cjk_error", {}, r"HTTP 400: \?+"),
+]
+
+
+@pytest.mark.parametrize("kind,opts,pattern", INPUT_FAULTS,
+                         ids=[f"{k}-{o.get('status', '')}" for k, o, _ in INPUT_FAULTS])
+def test_an_input_refusal_splits_the_batch_and_fails_only_those_inputs(f, fserver, upstream, kind,
+                                                                        opts, pattern):
+    # Three refusals: the pair, then each text alone.
+    upstream.fault(kind, times=3, **opts)
+    got = fetch(f, "docs", "a", "b")
+    assert len(got) == 2 and all(isinstance(g, redis.ResponseError) for g in got), got
+    for g in got:
+        assert __import__("re").search(pattern, str(g)), g
+        assert str(g).isascii() and str(g).isprintable()
+    assert upstream.calls() == 3
+    assert f.dbsize() == 0, "a failed fill stored something"
+    # A refusal that was not about one input: halves are retried and filled.
+    upstream.fault(kind, times=1, **opts)
+    assert fetch(f, "docs", "c", "d") == [expected("c"), expected("d")]
+    assert upstream.calls() == 6 and upstream.stats()["inputs"] == [1, 1]
+    assert fserver.alive()
 
 
 @pytest.mark.parametrize("kind,opts,configs,pattern,calls", EMB_FAULTS,
@@ -78,10 +104,8 @@ def test_every_waiter_of_a_failed_fill_gets_the_error(f, fserver, upstream):
     def run(i):
         c = fserver.client()
         barrier.wait()
-        try:
-            results[i] = fetch(c, "docs", "same")
-        except redis.ResponseError as e:
-            results[i] = str(e)
+        got = fetch(c, "docs", "same")
+        results[i] = [str(g) if isinstance(g, redis.ResponseError) else g for g in got]
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(20)]
     for t in threads:
@@ -89,7 +113,7 @@ def test_every_waiter_of_a_failed_fill_gets_the_error(f, fserver, upstream):
     for t in threads:
         t.join()
     assert upstream.calls() == 1
-    assert all(r == "upstream returned HTTP 400: bad things" for r in results), results
+    assert all(r == ["upstream returned HTTP 400: bad things"] for r in results), results
     assert fetch(f, "docs", "same") == [expected("same")]
 
 
@@ -223,8 +247,8 @@ def test_fail_memory_fails_identical_calls_fast_when_enabled(f, upstream):
     before = info_fields(f)["fail_fast_errors"]
     f.config_set("aicache.fail-memory-ms", 60000)
     upstream.fault("status", status=400, message="bad input")
-    with pytest.raises(redis.ResponseError, match="HTTP 400: bad input$"):
-        fetch(f, "fm", "a")
+    [err] = fetch(f, "fm", "a")
+    assert isinstance(err, redis.ResponseError) and str(err).endswith("HTTP 400: bad input")
     with pytest.raises(redis.ResponseError, match="HTTP 400: bad input .failing fast"):
         fetch(f, "fm", "a", "b")
     assert upstream.calls() == 1 and info_fields(f)["fail_fast_errors"] == before + 1

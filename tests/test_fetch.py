@@ -110,7 +110,7 @@ def test_fills_carry_ttl_with_jitter_and_ex(f, upstream):
 
 def test_the_dimension_pin_applies_to_fills(f, upstream):
     f.execute_command("EMBCACHE.SET", "docs", M, "seed", vec(1, 2, 3))
-    with pytest.raises(redis.ResponseError, match="dimension mismatch.*3-dimension.*returned 8"):
+    with pytest.raises(redis.ResponseError, match="dimension mismatch.*3-dimension.*got 8"):
         fetch(f, "docs", "t")
     assert f.execute_command("EMBCACHE.GET", "docs", M, "t") is None
 

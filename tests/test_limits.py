@@ -228,8 +228,8 @@ def test_the_daily_budget_stops_misses_but_not_hits(lim, upstream):
 def test_failed_calls_refund_their_tokens(lim, upstream):
     lim.config_set("aicache.tenant-max-tokens", 10)
     upstream.fault("status", status=400)
-    with pytest.raises(redis.ResponseError, match="HTTP 400"):
-        fetch(lim, "ref", "x" * 40, opts=["TENANT", "t"])
+    [err] = fetch(lim, "ref", "x" * 40, opts=["TENANT", "t"])
+    assert isinstance(err, redis.ResponseError) and "HTTP 400" in str(err)
     assert fetch(lim, "ref", "y" * 40, opts=["TENANT", "t"]) == [expected("y" * 40)]
 
 
@@ -243,8 +243,13 @@ def test_tenant_option_is_validated(lim):
 
 def test_huge_max_tokens_cannot_break_the_budget(lim, upstream):
     lim.config_set("aicache.daily-token-budget", 1000)
-    req = {**REQ, "max_tokens": 2**64 - 1}
-    llm(lim, req)  # admitted: nothing spent yet; settled to the real usage
+    huge = {**REQ, "max_tokens": 2**64 - 1}
+    # Its own estimate can never fit the budget: refused, nothing sent.
+    with pytest.raises(redis.ResponseError, match="THROTTLED this call alone is over the limit"):
+        llm(lim, huge)
+    assert upstream.calls() == 0
+    req = {**REQ, "max_tokens": 100}
+    llm(lim, req)  # admitted; settled to the real usage
     info = info_fields(lim)
     assert info["tokens_spent_today"] == 10 and info["daily_budget_left"] == 990
     upstream.fault("status", status=400)

@@ -1,16 +1,43 @@
 //! Helpers shared by the command families: argument words, namespaces and
 //! write expiry.
 
-use redis_module::{RedisError, RedisString};
+use redis_module::{Context, RedisError, RedisString};
 
 use crate::config::Settings;
 use crate::model::errors::describe;
 use crate::model::keys::Namespace;
-use crate::model::ttl::{jittered_ms, now_ms, parse_ex, JITTER_RNG};
+use crate::model::ttl::{now_ms, parse_ex, JITTER_RNG};
 use crate::redis::ffi::error;
 
 pub fn namespace<'a>(cfg: &'a Settings, arg: &'a RedisString) -> Result<Namespace<'a>, RedisError> {
     Namespace::new(&cfg.prefix, arg.as_slice()).map_err(|e| error(e.message()))
+}
+
+/// Who a FETCH's upstream calls are charged to, by aicache.tenant-source:
+/// the TENANT argument (`arg`), the caller's ACL user (`user`) or the
+/// namespace's hash tag (`namespace`). With the last two a TENANT that
+/// differs is refused, so a client cannot escape its limits by naming
+/// another tenant or none.
+pub fn tenant(
+    ctx: &Context,
+    cfg: &Settings,
+    given: Option<&[u8]>,
+    ns: &Namespace,
+) -> Result<Option<Vec<u8>>, RedisError> {
+    let derived = match cfg.tenant_source.as_str() {
+        "user" => ctx.get_current_user().as_slice().to_vec(),
+        "namespace" => ns.tag().to_vec(),
+        _ => return Ok(given.map(<[u8]>::to_vec)),
+    };
+    match given {
+        Some(t) if t != derived.as_slice() => Err(error(format!(
+            "ERR TENANT '{}' is not yours: aicache.tenant-source is {} ('{}')",
+            describe(t),
+            cfg.tenant_source,
+            describe(&derived)
+        ))),
+        _ => Ok(Some(derived)),
+    }
 }
 
 pub fn is_word(arg: &RedisString, word: &str) -> bool {
@@ -38,11 +65,8 @@ pub fn ex_option(args: &[RedisString], at: usize) -> Result<Option<u64>, RedisEr
 
 /// Absolute expiry in Unix ms for one write, or None for no expiry.
 pub fn expire_at(cfg: &Settings, ex: Option<u64>) -> Option<u64> {
-    let base = ex.unwrap_or(cfg.default_ttl_secs);
-    if base == 0 {
-        return None;
-    }
-    Some(now_ms() + jittered_ms(base, cfg.jitter_pct, JITTER_RNG.next()))
+    let ttl = ex.unwrap_or(cfg.default_ttl_secs);
+    crate::model::ttl::expire_at(now_ms(), ttl, cfg.jitter_pct, JITTER_RNG.next())
 }
 
 /// Options of EMBCACHE.FETCH and LLMCACHE.FETCH.

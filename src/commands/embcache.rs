@@ -8,14 +8,13 @@ use std::sync::Arc;
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
 use crate::commands::args::{
-    check_len, ex_option, expire_at, fetch_options, is_word, namespace, unknown_option,
+    check_len, ex_option, expire_at, fetch_options, is_word, namespace, tenant, unknown_option,
 };
 use crate::config::Settings;
-use crate::fill::fetch::{self, Begun, Misses, Shape};
-use crate::fill::job::{EmbedJob, Job, Pin, Store};
-use crate::limits::spend::{self, Bill};
+use crate::fill::call::Shape;
+use crate::fill::pins;
+use crate::fill::pipeline::{self, EmbedSpec, Entry, Kind, Work};
 use crate::model::codec::{fp32_to_json, is_fp32, parse_vector};
-use crate::model::embed::request_body;
 use crate::model::keys::{collapse_whitespace, Namespace, MAX_MODEL_BYTES};
 use crate::model::quota::estimate_tokens;
 use crate::redis::ffi::{self, error};
@@ -55,53 +54,8 @@ fn vector_arg(cfg: &Settings, arg: &RedisString) -> Result<Vec<u8>, RedisError> 
     parse_vector(arg.as_slice(), cfg.max_dims).map_err(|e| error(e.message()))
 }
 
-/// Checks `dims` against the namespace's pin for `model`. Returns true when
-/// the model has no pin yet and the caller should write one.
-fn check_dims(
-    ctx: &Context,
-    cfg: &Settings,
-    ns: &Namespace,
-    model: &[u8],
-    dims: usize,
-) -> Result<bool, RedisError> {
-    if cfg.fixed_dims != 0 {
-        if dims != cfg.fixed_dims {
-            return Err(error(format!(
-                "ERR dimension mismatch: vector has {dims} dimensions, fixed-dims is {}",
-                cfg.fixed_dims
-            )));
-        }
-        return Ok(false);
-    }
-    let pinned = ffi::call(
-        ctx,
-        "HGET",
-        &[&ns.dims_key(), model],
-        false,
-        ffi::reply_as_u64,
-    )?;
-    match pinned {
-        Some(p) if p as usize != dims => Err(error(format!(
-            "ERR dimension mismatch: this namespace stores {p}-dimension vectors \
-             for this model, got {dims}"
-        ))),
-        Some(_) => Ok(false),
-        None => Ok(true),
-    }
-}
-
-fn pin_dims(ctx: &Context, ns: &Namespace, model: &[u8], dims: usize) -> Result<(), RedisError> {
-    let d = dims.to_string();
-    ffi::call(
-        ctx,
-        "HSET",
-        &[&ns.dims_key(), model, d.as_bytes()],
-        true,
-        |_| (),
-    )
-}
-
-/// Writes validated vectors (all of one dimension) and the pin if needed.
+/// Writes validated vectors (all of one dimension) once they fit the
+/// namespace's pin (writing the pin if it is new).
 fn store(
     ctx: &Context,
     cfg: &Settings,
@@ -111,13 +65,44 @@ fn store(
     ex: Option<u64>,
 ) -> RedisResult {
     let dims = entries.first().map_or(0, |(_, v)| v.len() / 4);
-    if check_dims(ctx, cfg, ns, model, dims)? {
-        pin_dims(ctx, ns, model, dims)?;
+    if cfg.fixed_dims != 0 && dims != cfg.fixed_dims {
+        return Err(error(format!(
+            "ERR dimension mismatch: vector has {dims} dimensions, fixed-dims is {}",
+            cfg.fixed_dims
+        )));
     }
+    let db = ffi::selected_db(ctx);
+    pins::check(ctx, db, &ns.dims_key(), model, dims, true).map_err(error)?;
     for (key, vector) in entries {
         ffi::set_string(ctx, key, vector, expire_at(cfg, ex))?;
     }
     Ok(RedisValue::SimpleStringStatic("OK"))
+}
+
+/// EMBCACHE.DIMS ns model [RESET]
+/// The namespace's pinned vector size for the model (nil when none), or
+/// with RESET removes the pin (1 when there was one).
+pub fn dims(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    let reset = match args.len() {
+        3 => false,
+        4 if is_word(&args[3], "RESET") => true,
+        4 => return Err(unknown_option(&args[3], "RESET")),
+        _ => return Err(RedisError::WrongArity),
+    };
+    let cfg = Settings::snapshot();
+    let ns = namespace(&cfg, &args[1])?;
+    let model = model_arg(&args[2])?;
+    let key = ns.dims_key();
+    if reset {
+        let db = ffi::selected_db(ctx);
+        return Ok(RedisValue::Integer(
+            pins::reset(ctx, db, &key, model).map_err(error)?,
+        ));
+    }
+    match pins::read(ctx, &key, model).map_err(error)? {
+        Some(d) => Ok(RedisValue::Integer(d as i64)),
+        None => Ok(RedisValue::Null),
+    }
 }
 
 /// EMBCACHE.SET ns model text vector [EX seconds]
@@ -291,115 +276,67 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let model = model_arg(&args[2])?;
     let model_str =
         std::str::from_utf8(model).map_err(|_| error("ERR model must be valid UTF-8"))?;
-    let mut texts: Vec<Cow<[u8]>> = Vec::with_capacity(n);
+    let tenant = tenant(ctx, &cfg, opts.tenant.as_deref(), &ns)?;
+    // Duplicate texts share one slot, one fill and one upstream input.
+    let mut slot_of: HashMap<Vec<u8>, usize> = HashMap::with_capacity(n);
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut order = Vec::with_capacity(n);
     for (i, a) in args[4..4 + n].iter().enumerate() {
         let t = text_arg(&cfg, a).map_err(|e| at_text(e, i))?;
-        if std::str::from_utf8(&t).is_err() {
+        let Ok(text) = std::str::from_utf8(&t) else {
             return Err(error(format!(
                 "ERR text {i} is not valid UTF-8 and cannot be sent upstream"
             )));
-        }
-        texts.push(t);
-    }
-    // Duplicate texts share one slot, one fill and one upstream input.
-    let mut slot_of: HashMap<Vec<u8>, usize> = HashMap::with_capacity(n);
-    let mut unique: Vec<(Vec<u8>, usize)> = Vec::new(); // (key, first input)
-    let mut order = Vec::with_capacity(n);
-    for (i, t) in texts.iter().enumerate() {
-        let key = match opts.dims {
-            Some(d) => ns.embedding_key_dims(model, d, t),
-            None => ns.embedding_key(model, t),
         };
-        let next = unique.len();
+        let key = match opts.dims {
+            Some(d) => ns.embedding_key_dims(model, d, &t),
+            None => ns.embedding_key(model, &t),
+        };
+        let next = entries.len();
         let slot = *slot_of.entry(key.clone()).or_insert_with(|| {
-            unique.push((key, i));
+            entries.push(Entry {
+                key,
+                input: text.to_string(),
+                tokens: estimate_tokens(t.len()),
+                hit: None,
+            });
             next
         });
         order.push(slot);
     }
-    let mut slots: Vec<Option<Arc<[u8]>>> = vec![None; unique.len()];
     if !opts.refresh {
-        for (slot, (key, _)) in unique.iter().enumerate() {
-            slots[slot] = ffi::with_string(ctx, key, |v| v.filter(|v| is_fp32(v)).map(Arc::from))?;
+        for e in entries.iter_mut() {
+            e.hit = ffi::with_string(ctx, &e.key, |v| v.filter(|v| is_fp32(v)).map(Arc::from))?;
         }
     }
-    let hit_inputs = order.iter().filter(|&&s| slots[s].is_some()).count();
+    let hit_inputs = order.iter().filter(|&&s| entries[s].hit.is_some()).count();
     STATS.hits.add(hit_inputs as u64);
     STATS.misses.add((n - hit_inputs) as u64);
-    let shape = Shape::Vectors {
-        order,
-        json: opts.json,
+    let spec = EmbedSpec {
+        url: crate::config::embeddings_url(),
+        model: model_str.to_string(),
+        dims: opts.dims,
+        pin_key: opts.dims.is_none().then(|| ns.dims_key()),
+        fixed_dims: cfg.fixed_dims,
+        max_dims: cfg.max_dims,
+        base64: cfg.base64,
     };
-    let missing: Vec<usize> = (0..unique.len()).filter(|&s| slots[s].is_none()).collect();
-    if missing.is_empty() {
-        fetch::reply_complete(ctx, slots, shape);
-        return Ok(RedisValue::NoReply);
-    }
-    fetch::check_can_fill(ctx, missing.len())?;
-    fetch::check_failures(missing.iter().map(|&s| unique[s].0.as_slice()))?;
-    let db = ffi::selected_db(ctx);
-    let fill_keys: Vec<Vec<u8>> = missing
-        .iter()
-        .map(|&s| fetch::fill_key(&unique[s].0, db, opts.nostore))
-        .collect();
-    let estimate = |slot: usize| estimate_tokens(texts[unique[slot].1].len());
-    let batch = cfg.batch_size.max(1);
-    let misses = Misses {
-        entries: fill_keys.into_iter().zip(missing.iter().copied()).collect(),
+    let work = Work {
+        db: ffi::selected_db(ctx),
+        kind: Kind::Embed(Arc::new(spec)),
+        entries,
+        shape: Shape::Vectors {
+            order,
+            json: opts.json,
+        },
+        expiry: (!opts.nostore).then(|| cfg.expiry(opts.ex)),
+        tenant,
+        timeout_ms: opts.timeout_ms.unwrap_or(cfg.wait_timeout_ms),
+        batch_size: cfg.batch_size,
+        batch_max_tokens: cfg.batch_max_tokens,
+        lease_ms: cfg.lease_ms,
+        max_fills: cfg.max_fills,
+        fail_memory_ms: cfg.fail_memory_ms,
     };
-    let timeout = opts.timeout_ms.unwrap_or(cfg.wait_timeout_ms);
-    // Only the fills this call starts go upstream, so only they are charged.
-    let admit = |new: &[usize]| match new.len() {
-        0 => Ok(None),
-        n => spend::admit(
-            opts.tenant.as_deref(),
-            n.div_ceil(batch) as u64,
-            new.iter().map(|&s| estimate(s)).sum(),
-        )
-        .map(Some),
-    };
-    let Some(Begun { started, charge }) = fetch::begin(ctx, slots, shape, misses, timeout, admit)?
-    else {
-        return Ok(RedisValue::NoReply);
-    };
-    let url = crate::config::embeddings_url();
-    let deadline = crate::fill::job::deadline();
-    let jobs = started
-        .chunks(batch)
-        .map(|chunk| {
-            let inputs: Vec<&str> = chunk
-                .iter()
-                .map(|&(slot, _)| std::str::from_utf8(&texts[unique[slot].1]).unwrap_or_default())
-                .collect();
-            Job::Embed(Box::new(EmbedJob {
-                pending: fetch::pending(chunk.iter().map(|&(_, id)| id).collect()),
-                url: url.clone(),
-                body: request_body(model_str, &inputs, opts.dims, cfg.base64),
-                keys: chunk
-                    .iter()
-                    .map(|&(slot, _)| unique[slot].0.clone())
-                    .collect(),
-                dims: opts.dims.map(|d| d as usize),
-                max_dims: cfg.max_dims,
-                store: (!opts.nostore).then(|| Store {
-                    db,
-                    ttl_secs: cfg.ttl_secs(opts.ex),
-                    jitter_pct: cfg.jitter_pct,
-                }),
-                pin: opts.dims.is_none().then(|| Pin {
-                    dims_key: ns.dims_key(),
-                    model: model.to_vec(),
-                    fixed: cfg.fixed_dims,
-                }),
-                deadline,
-                bill: Bill::new(
-                    charge
-                        .as_ref()
-                        .map(|c| c.part(1, chunk.iter().map(|&(s, _)| estimate(s)).sum())),
-                ),
-            }))
-        })
-        .collect();
-    fetch::submit(jobs);
-    Ok(RedisValue::NoReply)
+    pipeline::fetch(ctx, work)
 }

@@ -3,11 +3,12 @@
 
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
-use crate::commands::args::{check_len, ex_option, expire_at, fetch_options, namespace};
+use std::sync::Arc;
+
+use crate::commands::args::{check_len, ex_option, expire_at, fetch_options, namespace, tenant};
 use crate::config::Settings;
-use crate::fill::fetch::{self, Begun, Misses, Shape};
-use crate::fill::job::{Job, LlmJob, Store};
-use crate::limits::spend::{self, Bill};
+use crate::fill::call::Shape;
+use crate::fill::pipeline::{self, ChatSpec, Entry, Kind, Work};
 use crate::model::canon::{canonical_request, upstream_body, validate_response};
 use crate::model::quota::estimate_tokens;
 use crate::redis::ffi::{self, error};
@@ -107,44 +108,34 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     }
     let body = upstream_body(args[2].as_slice()).map_err(error)?;
     STATS.misses.incr();
-    fetch::check_can_fill(ctx, 1)?;
-    fetch::check_failures(std::iter::once(key.as_slice()))?;
-    let db = ffi::selected_db(ctx);
-    let misses = Misses {
-        entries: vec![(fetch::fill_key(&key, db, nostore), 0)],
-    };
-    let timeout = opts.timeout_ms.unwrap_or(cfg.wait_timeout_ms);
+    let ns = namespace(&cfg, &args[1])?;
+    let tenant = tenant(ctx, &cfg, opts.tenant.as_deref(), &ns)?;
     let tokens = estimate_tokens(body.len()).saturating_add(max_output_tokens(&body));
-    let admit = |new: &[usize]| match new.len() {
-        0 => Ok(None),
-        _ => spend::admit(opts.tenant.as_deref(), 1, tokens).map(Some),
+    let spec = ChatSpec {
+        url: crate::config::chat_url(),
+        body,
+        max_bytes: cfg.max_response_bytes,
     };
-    let Some(Begun { started, charge }) =
-        fetch::begin(ctx, vec![None], Shape::Single, misses, timeout, admit)?
-    else {
-        return Ok(RedisValue::NoReply);
+    let work = Work {
+        db: ffi::selected_db(ctx),
+        kind: Kind::Chat(Arc::new(spec)),
+        entries: vec![Entry {
+            key,
+            input: String::new(),
+            tokens,
+            hit: None,
+        }],
+        shape: Shape::Single,
+        expiry: (!nostore).then(|| cfg.expiry(opts.ex)),
+        tenant,
+        timeout_ms: opts.timeout_ms.unwrap_or(cfg.wait_timeout_ms),
+        batch_size: 1,
+        batch_max_tokens: u64::MAX,
+        lease_ms: cfg.lease_ms,
+        max_fills: cfg.max_fills,
+        fail_memory_ms: cfg.fail_memory_ms,
     };
-    let jobs = started
-        .into_iter()
-        .map(|(_, id)| {
-            Job::Llm(Box::new(LlmJob {
-                pending: fetch::pending(vec![id]),
-                url: crate::config::chat_url(),
-                body: body.clone(),
-                key: key.clone(),
-                max_bytes: cfg.max_response_bytes,
-                store: (!nostore).then(|| Store {
-                    db,
-                    ttl_secs: cfg.ttl_secs(opts.ex),
-                    jitter_pct: cfg.jitter_pct,
-                }),
-                deadline: crate::fill::job::deadline(),
-                bill: Bill::new(charge.clone()),
-            }))
-        })
-        .collect();
-    fetch::submit(jobs);
-    Ok(RedisValue::NoReply)
+    pipeline::fetch(ctx, work)
 }
 
 /// The request's cap on output tokens, counted in the estimate (the prompt

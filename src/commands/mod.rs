@@ -2,6 +2,38 @@
 //! misses to the fill pipeline. Thin by design.
 
 pub mod args;
+pub mod debug;
 pub mod embcache;
 pub mod llmcache;
 pub mod throttle;
+
+use redis_module::{Context, RedisResult, RedisString};
+
+use crate::redis::guard::guard;
+
+/// Every command as Redis calls it: inside the panic boundary.
+macro_rules! guarded {
+    ($($name:ident => $label:literal, $handler:path;)*) => {
+        $(pub fn $name(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+            guard($label, ctx, args, $handler)
+        })*
+    };
+}
+
+guarded! {
+    embcache_set => "EMBCACHE.SET", embcache::set;
+    embcache_mset => "EMBCACHE.MSET", embcache::mset;
+    embcache_get => "EMBCACHE.GET", embcache::get;
+    embcache_mget => "EMBCACHE.MGET", embcache::mget;
+    embcache_del => "EMBCACHE.DEL", embcache::del;
+    embcache_key => "EMBCACHE.KEY", embcache::key;
+    embcache_dims => "EMBCACHE.DIMS", embcache::dims;
+    embcache_fetch => "EMBCACHE.FETCH", embcache::fetch;
+    llmcache_set => "LLMCACHE.SET", llmcache::set;
+    llmcache_get => "LLMCACHE.GET", llmcache::get;
+    llmcache_del => "LLMCACHE.DEL", llmcache::del;
+    llmcache_key => "LLMCACHE.KEY", llmcache::key;
+    llmcache_fetch => "LLMCACHE.FETCH", llmcache::fetch;
+    aicache_throttle => "AICACHE.THROTTLE", throttle::throttle;
+    aicache_debug => "AICACHE.DEBUG", debug::debug;
+}

@@ -1,251 +1,251 @@
 //! The worker side of a fill: call the upstream (no Redis lock held),
-//! validate, then take the lock once to store the results as replicated
-//! effects with absolute expiry in the caller's DB, then answer the waiters.
+//! check the answer against the request, then store it through a
+//! [`Store`] and answer the waiters. Generic over the upstream and the
+//! store, so the whole path runs in unit tests with fakes.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use redis_module::{Context, ThreadSafeContext};
-use ureq::Agent;
-
-use crate::fill::fetch::{FillResult, Pending};
-use crate::fill::upstream::{post, Failure};
+use crate::fill::call::{FillError, FillResult};
+use crate::fill::pipeline::{ChatSpec, EmbedSpec, Expiry, Pending};
+use crate::fill::store::{Commit, Store};
+use crate::fill::upstream::{Failure, Upstream};
 use crate::limits::spend::Bill;
 use crate::model::canon::validate_response;
-use crate::model::ttl::{jittered_ms, now_ms};
-use crate::redis::ffi;
+use crate::model::embed::{parse_response, request_body};
+use crate::model::pins::check_answer;
 use crate::stats::STATS;
 
-/// Where and how results are written. None of a job's `store` means NOSTORE.
-pub struct Store {
-    pub db: i32,
-    /// Seconds before jitter; 0 keeps entries forever.
-    pub ttl_secs: u64,
-    pub jitter_pct: u64,
-}
-
-/// The namespace's per-model dimension pin, checked before vectors land.
-pub struct Pin {
-    pub dims_key: Vec<u8>,
-    pub model: Vec<u8>,
-    /// `aicache.fixed-dims`, 0 when unset.
-    pub fixed: usize,
-}
-
-pub struct EmbedJob {
-    pub pending: Pending,
-    pub url: String,
-    pub body: Vec<u8>,
-    pub keys: Vec<Vec<u8>>,
-    pub dims: Option<usize>,
-    pub max_dims: usize,
-    pub store: Option<Store>,
-    /// None when DIMENSIONS fixes the size.
-    pub pin: Option<Pin>,
-    pub deadline: Instant,
-    /// What this job's upstream call was charged, settled after it.
-    pub bill: Bill,
-}
-
-pub struct LlmJob {
-    pub pending: Pending,
-    pub url: String,
-    pub body: Vec<u8>,
-    pub key: Vec<u8>,
-    pub max_bytes: usize,
-    pub store: Option<Store>,
-    pub deadline: Instant,
-    pub bill: Bill,
+pub enum Task {
+    Embed {
+        spec: Arc<EmbedSpec>,
+        inputs: Vec<String>,
+        keys: Vec<Vec<u8>>,
+    },
+    Chat {
+        spec: Arc<ChatSpec>,
+        key: Vec<u8>,
+    },
 }
 
 /// A unit of work for the pool. A job refused by the queue is failed with
 /// the reason; a job dropped any other way fails through its `Pending`.
-pub enum Job {
-    Embed(Box<EmbedJob>),
-    Llm(Box<LlmJob>),
+pub struct Job {
+    pub pending: Pending,
+    pub bill: Bill,
+    pub db: i32,
+    pub expiry: Option<Expiry>,
+    /// The end of the fill's lease: no attempt starts after it.
+    pub deadline: Instant,
+    pub queued: Instant,
+    pub task: Task,
+}
+
+/// Upstream requests made and tokens they reported.
+#[derive(Default)]
+struct Spent {
+    requests: u64,
+    tokens: u64,
+    answered: bool,
 }
 
 impl Job {
-    pub fn run(self, agent: &Agent, stopping: &AtomicBool) {
-        match self {
-            Job::Embed(j) => j.run(agent, stopping),
-            Job::Llm(j) => j.run(agent, stopping),
-        }
-    }
-
     /// A refused job never called upstream: its charge is refunded.
     pub fn fail(self, msg: &str) {
-        let (pending, bill) = match self {
-            Job::Embed(j) => (j.pending, j.bill),
-            Job::Llm(j) => (j.pending, j.bill),
-        };
-        bill.refund();
-        pending.fail(msg);
+        self.bill.refund();
+        self.pending.fail(msg);
+    }
+
+    pub fn run(self, up: &dyn Upstream, store: &dyn Store) {
+        if Instant::now() >= self.deadline {
+            let waited = self.queued.elapsed().as_millis();
+            let f = Failure::QueueExpired(waited as u64);
+            f.count();
+            self.bill.refund();
+            return self.pending.fail(&f.message());
+        }
+        match &self.task {
+            Task::Embed { spec, inputs, keys } => {
+                let (results, spent) = embed(up, store, &self, spec, inputs, keys);
+                self.bill
+                    .settle(spent.requests, spent.tokens, spent.answered);
+                self.pending.finish(results, true);
+            }
+            Task::Chat { spec, key } => {
+                let (result, spent) = chat(up, store, &self, spec, key);
+                self.bill
+                    .settle(spent.requests, spent.tokens, spent.answered);
+                self.pending.finish(vec![result], true);
+            }
+        }
     }
 }
 
-/// When a fill started now must give up: the end of its lease, so that a
-/// job that waited in the queue does not retry past it.
-pub fn deadline() -> Instant {
-    Instant::now() + Duration::from_millis(crate::config::LEASE_MS.get_u64())
+fn whole(f: &Failure) -> FillError {
+    FillError::whole(&f.message())
 }
 
-/// An upstream failure: every waiter gets it, and it may be remembered so
-/// identical calls fail fast for a while.
-fn fail(pending: Pending, keys: &[Vec<u8>], f: &Failure) {
-    let msg = f.message();
-    if *f != Failure::Stopped {
-        crate::fill::fetch::remember_failure(keys, &msg);
+fn embed(
+    up: &dyn Upstream,
+    store: &dyn Store,
+    job: &Job,
+    spec: &EmbedSpec,
+    inputs: &[String],
+    keys: &[Vec<u8>],
+) -> (Vec<FillResult>, Spent) {
+    let mut out: Vec<Option<FillResult>> = vec![None; inputs.len()];
+    let mut spent = Spent::default();
+    let all: Vec<usize> = (0..inputs.len()).collect();
+    embed_part(up, spec, inputs, &all, job.deadline, &mut out, &mut spent);
+    let mut results: Vec<FillResult> = out
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(FillError::whole("ERR internal error: no result"))))
+        .collect();
+    // Split requests answered separately: their sizes must agree too, and
+    // with what the request fixes, before anything is pinned or stored.
+    let sizes: Vec<usize> = results.iter().flatten().map(|v| v.len() / 4).collect();
+    let Some(&dims) = sizes.first() else {
+        return (results, spent);
+    };
+    let checked = if sizes.iter().any(|&d| d != dims) {
+        Err(format!(
+            "vectors of {dims} and {} dimensions in one answer",
+            sizes.iter().find(|&&d| d != dims).unwrap_or(&0)
+        ))
+    } else {
+        check_answer(
+            &spec.model,
+            spec.dims.map(|d| d as usize),
+            spec.fixed_dims,
+            dims,
+        )
+    };
+    if let Err(e) = checked {
+        let f = Failure::Invalid(e);
+        f.count();
+        return (fail_values(results, &whole(&f)), spent);
     }
-    pending.fail(&msg);
+    let entries: Vec<(&[u8], &[u8])> = keys
+        .iter()
+        .zip(&results)
+        .filter_map(|(k, r)| r.as_ref().ok().map(|v| (k.as_slice(), &v[..])))
+        .collect();
+    let commit = Commit {
+        db: job.db,
+        pin: spec.pin_key.as_deref().map(|k| (k, spec.model.as_bytes())),
+        dims,
+        entries,
+        expiry: job.expiry,
+    };
+    if let Err(msg) = store.commit(&commit) {
+        results = fail_values(results, &FillError::whole(&msg));
+    }
+    (results, spent)
 }
 
-impl EmbedJob {
-    pub fn run(self, agent: &Agent, stopping: &AtomicBool) {
-        let n = self.pending.len();
-        let parsed = post(agent, &self.url, &self.body, self.deadline, stopping).and_then(|body| {
-            crate::model::embed::parse_response(&body, n, self.dims, self.max_dims).map_err(|e| {
-                let f = Failure::Invalid(e);
+fn fail_values(results: Vec<FillResult>, e: &FillError) -> Vec<FillResult> {
+    results.into_iter().map(|r| r.and(Err(e.clone()))).collect()
+}
+
+/// Embeds `part` of the inputs. An upstream refusal that may name a single
+/// input (400, 413, 422: a provider's token-limit error names none) splits
+/// the part in halves until the refused inputs stand alone; they fail, the
+/// rest are filled. That costs at most two requests per halving.
+fn embed_part(
+    up: &dyn Upstream,
+    spec: &EmbedSpec,
+    inputs: &[String],
+    part: &[usize],
+    deadline: Instant,
+    out: &mut [Option<FillResult>],
+    spent: &mut Spent,
+) {
+    let texts: Vec<&str> = part.iter().map(|&i| inputs[i].as_str()).collect();
+    let body = request_body(&spec.model, &texts, spec.dims, spec.base64);
+    spent.requests += 1;
+    let answer = up.post(&spec.url, &body, deadline).and_then(|b| {
+        let dims = spec.dims.map(|d| d as usize);
+        parse_response(&b, part.len(), dims, spec.max_dims).map_err(|e| {
+            let f = Failure::Invalid(e);
+            f.count();
+            f
+        })
+    });
+    match answer {
+        Ok(e) => {
+            spent.tokens += e.tokens;
+            spent.answered = true;
+            STATS.tokens_prompt.add(e.tokens);
+            STATS.tokens_total.add(e.tokens);
+            for (&i, v) in part.iter().zip(e.vectors) {
+                out[i] = Some(Ok(Arc::from(v)));
+            }
+        }
+        Err(f) if f.names_an_input() && part.len() > 1 && Instant::now() < deadline => {
+            STATS.batch_splits.incr();
+            let (a, b) = part.split_at(part.len() / 2);
+            embed_part(up, spec, inputs, a, deadline, out, spent);
+            embed_part(up, spec, inputs, b, deadline, out, spent);
+        }
+        Err(f) => {
+            let e = FillError {
+                msg: Arc::from(f.message()),
+                per_input: f.names_an_input() && part.len() == 1,
+            };
+            for &i in part {
+                out[i] = Some(Err(e.clone()));
+            }
+        }
+    }
+}
+
+fn chat(
+    up: &dyn Upstream,
+    store: &dyn Store,
+    job: &Job,
+    spec: &ChatSpec,
+    key: &[u8],
+) -> (FillResult, Spent) {
+    let mut spent = Spent {
+        requests: 1,
+        ..Spent::default()
+    };
+    let checked = up
+        .post(&spec.url, &spec.body, job.deadline)
+        .and_then(|body| {
+            let invalid = |e: String| {
+                let f = Failure::Invalid(e.trim_start_matches("ERR ").to_string());
                 f.count();
                 f
-            })
+            };
+            if body.len() > spec.max_bytes {
+                return Err(invalid(format!(
+                    "response is {} bytes, more than max-response-bytes {}",
+                    body.len(),
+                    spec.max_bytes
+                )));
+            }
+            let usage = validate_response(&body).map_err(invalid)?;
+            Ok((body, usage))
         });
-        let e = match parsed {
-            Ok(e) => e,
-            Err(f) => {
-                self.bill.failed();
-                return fail(self.pending, &self.keys, &f);
-            }
-        };
-        self.bill.succeeded(e.tokens);
-        STATS.tokens_prompt.add(e.tokens);
-        STATS.tokens_total.add(e.tokens);
-        if let Some(store) = &self.store {
-            let entries: Vec<(&[u8], &[u8])> = self
-                .keys
-                .iter()
-                .zip(&e.vectors)
-                .map(|(k, v)| (k.as_slice(), v.as_slice()))
-                .collect();
-            if let Err(msg) = write(store, self.pin.as_ref(), &entries) {
-                return self.pending.fail(&msg);
-            }
-        }
-        let results: Vec<FillResult> = e.vectors.into_iter().map(|v| Ok(Arc::from(v))).collect();
-        self.pending.finish(results);
+    let (body, usage) = match checked {
+        Ok(x) => x,
+        Err(f) => return (Err(whole(&f)), spent),
+    };
+    spent.tokens = usage.total;
+    spent.answered = true;
+    STATS.tokens_prompt.add(usage.prompt);
+    STATS.tokens_completion.add(usage.completion);
+    STATS.tokens_total.add(usage.total);
+    let commit = Commit {
+        db: job.db,
+        pin: None,
+        dims: 0,
+        entries: vec![(key, body.as_slice())],
+        expiry: job.expiry,
+    };
+    if let Err(msg) = store.commit(&commit) {
+        return (Err(FillError::whole(&msg)), spent);
     }
-}
-
-impl LlmJob {
-    pub fn run(self, agent: &Agent, stopping: &AtomicBool) {
-        let checked =
-            post(agent, &self.url, &self.body, self.deadline, stopping).and_then(|body| {
-                let invalid = |e: String| {
-                    let f = Failure::Invalid(e.trim_start_matches("ERR ").to_string());
-                    f.count();
-                    f
-                };
-                if body.len() > self.max_bytes {
-                    return Err(invalid(format!(
-                        "response is {} bytes, more than max-response-bytes {}",
-                        body.len(),
-                        self.max_bytes
-                    )));
-                }
-                let usage = validate_response(&body).map_err(invalid)?;
-                Ok((body, usage))
-            });
-        let (body, usage) = match checked {
-            Ok(x) => x,
-            Err(f) => {
-                self.bill.failed();
-                return fail(self.pending, std::slice::from_ref(&self.key), &f);
-            }
-        };
-        self.bill.succeeded(usage.total);
-        STATS.tokens_prompt.add(usage.prompt);
-        STATS.tokens_completion.add(usage.completion);
-        STATS.tokens_total.add(usage.total);
-        if let Some(store) = &self.store {
-            if let Err(msg) = write(store, None, &[(self.key.as_slice(), body.as_slice())]) {
-                return self.pending.fail(&msg);
-            }
-        }
-        self.pending.finish(vec![Ok(Arc::from(body))]);
-    }
-}
-
-/// Stores entries under one hold of the Redis lock. Skips the write (not the
-/// reply) when this node may not write now, or Redis refuses it
-/// (min-replicas-to-write, MISCONF); a dimension mismatch is an error.
-fn write(store: &Store, pin: Option<&Pin>, entries: &[(&[u8], &[u8])]) -> Result<(), String> {
-    let tsc = ThreadSafeContext::new();
-    let ctx = tsc.lock();
-    if !ffi::may_write(&ctx) || !ffi::select_db(&ctx, store.db) {
-        STATS.writes_skipped.incr();
-        return Ok(());
-    }
-    let dims = entries.first().map_or(0, |(_, v)| v.len() / 4);
-    if let Some(pin) = pin {
-        if !check_pin(&ctx, pin, dims)? {
-            STATS.writes_skipped.incr();
-            return Ok(());
-        }
-    }
-    for (key, value) in entries {
-        let at = (store.ttl_secs > 0).then(|| {
-            now_ms()
-                + jittered_ms(
-                    store.ttl_secs,
-                    store.jitter_pct,
-                    crate::model::ttl::JITTER_RNG.next(),
-                )
-        });
-        if ffi::set_string(&ctx, key, value, at).is_err() {
-            STATS.writes_skipped.incr();
-            break;
-        }
-    }
-    Ok(())
-}
-
-/// Ok(true) when the vectors fit the namespace's pin (pinning it if new),
-/// Ok(false) when Redis refused to write the pin.
-fn check_pin(ctx: &Context, pin: &Pin, dims: usize) -> Result<bool, String> {
-    if pin.fixed != 0 {
-        if dims != pin.fixed {
-            return Err(format!(
-                "ERR dimension mismatch: upstream returned {dims} dimensions, fixed-dims is {}",
-                pin.fixed
-            ));
-        }
-        return Ok(true);
-    }
-    let have = ffi::call(
-        ctx,
-        "HGET",
-        &[&pin.dims_key, &pin.model],
-        false,
-        ffi::reply_as_u64,
-    )
-    .map_err(|e| format!("ERR cannot read the dimension pin: {e}"))?;
-    match have {
-        Some(p) if p as usize != dims => Err(format!(
-            "ERR dimension mismatch: this namespace stores {p}-dimension vectors for this model, \
-             upstream returned {dims}"
-        )),
-        Some(_) => Ok(true),
-        None => {
-            let d = dims.to_string();
-            let pinned = ffi::call(
-                ctx,
-                "HSET",
-                &[&pin.dims_key, &pin.model, d.as_bytes()],
-                true,
-                |_| (),
-            );
-            Ok(pinned.is_ok())
-        }
-    }
+    (Ok(Arc::from(body)), spent)
 }

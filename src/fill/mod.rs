@@ -1,7 +1,11 @@
 //! Filling misses: the single-flight registry of blocked calls, the worker
 //! pool, the HTTP upstream and the writes back into Redis.
 
-pub mod fetch;
+pub mod apikey;
+pub mod call;
 pub mod job;
+pub mod pins;
+pub mod pipeline;
 pub mod pool;
+pub mod store;
 pub mod upstream;

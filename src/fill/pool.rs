@@ -13,6 +13,8 @@ use ureq::Agent;
 use crate::stats::STATS;
 
 pub use crate::fill::job::Job;
+use crate::fill::store::RedisStore;
+use crate::fill::upstream::Http;
 
 struct Pool {
     tx: Sender<Job>,
@@ -56,8 +58,17 @@ pub fn start(workers: usize, queue: usize) -> Result<(), String> {
 }
 
 fn work(rx: Receiver<Job>, agent: Agent) {
+    let up = Http {
+        agent,
+        stopping: &STOPPING,
+    };
     while let Ok(job) = rx.recv() {
-        if catch_unwind(AssertUnwindSafe(|| job.run(&agent, &STOPPING))).is_err() {
+        if catch_unwind(AssertUnwindSafe(|| {
+            crate::commands::debug::maybe_panic(crate::commands::debug::Site::Worker);
+            job.run(&up, &RedisStore)
+        }))
+        .is_err()
+        {
             STATS.worker_panics.incr();
         }
     }
@@ -69,15 +80,17 @@ pub enum Refused {
 }
 
 /// Queues `job` without waiting. On refusal the job comes back unrun.
-pub fn submit(job: Job) -> Result<(), (Job, Refused)> {
+pub fn submit(job: Job) -> Result<(), Box<(Job, Refused)>> {
     let guard = pool();
     let Some(p) = guard.as_ref() else {
-        return Err((job, Refused::Stopped));
+        return Err(Box::new((job, Refused::Stopped)));
     };
     match p.tx.try_send(job) {
         Ok(()) => Ok(()),
-        Err(TrySendError::Full(job)) => Err((job, Refused::Full(p.tx.capacity().unwrap_or(0)))),
-        Err(TrySendError::Disconnected(job)) => Err((job, Refused::Stopped)),
+        Err(TrySendError::Full(job)) => {
+            Err(Box::new((job, Refused::Full(p.tx.capacity().unwrap_or(0)))))
+        }
+        Err(TrySendError::Disconnected(job)) => Err(Box::new((job, Refused::Stopped))),
     }
 }
 

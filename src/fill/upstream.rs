@@ -4,7 +4,6 @@
 //! Redis lock.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -15,6 +14,7 @@ use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 use ureq::Agent;
 
 use crate::config::{self, Bounded};
+use crate::fill::apikey;
 use crate::model::errors::sanitize;
 use crate::model::retry::{parse_retry_after, Outcome, Policy};
 use crate::stats::STATS;
@@ -24,44 +24,36 @@ const MAX_UPSTREAM_MESSAGE: usize = 200;
 /// Error bodies are read only this far.
 const MAX_ERROR_BODY: u64 = 64 * 1024;
 
-static API_KEY: RwLock<Option<String>> = RwLock::new(None);
-
-/// Re-reads the key from `api-key-file`, or else from the environment
-/// variable named by `api-key-env`. Never logs or returns it.
-pub fn reload_api_key() {
-    let file = config::API_KEY_FILE.get_string();
-    let key = if file.is_empty() {
-        let name = config::API_KEY_ENV.get_string();
-        std::env::var(if name.is_empty() {
-            "OPENAI_API_KEY"
-        } else {
-            &name
-        })
-        .ok()
-    } else {
-        std::fs::read_to_string(&file).ok()
-    };
-    let key = key
-        .map(|k| k.trim().to_string())
-        .filter(|k| !k.is_empty() && k.bytes().all(|b| (0x21..0x7f).contains(&b)));
-    *API_KEY.write().unwrap_or_else(|e| e.into_inner()) = key;
-}
-
-fn api_key() -> Option<String> {
-    API_KEY.read().unwrap_or_else(|e| e.into_inner()).clone()
-}
-
-/// Removes the key, and anything shaped like an OpenAI key, from text an
-/// upstream sent back: some providers echo the (masked) key in 401 bodies.
+/// Text an upstream sent back, made safe: a message that echoes the key
+/// in any form is withheld whole, and anything shaped like an OpenAI key
+/// is redacted.
 pub fn scrub(text: &str, key: Option<&str>) -> String {
-    let text = match key {
-        Some(k) if !k.is_empty() => text.replace(k, "[redacted]"),
-        _ => text.to_string(),
-    };
+    if key.is_some_and(|k| apikey::echoes(text, k)) {
+        return "[message withheld: it repeated the API key]".into();
+    }
     text.split(' ')
         .map(|w| if w.contains("sk-") { "[redacted]" } else { w })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// What fills send and wait on: production uses [`Http`], tests a fake.
+pub trait Upstream {
+    /// POSTs `body` to `url` with retries until it succeeds, fails for
+    /// good, or `deadline` passes. Returns the 200 response body.
+    fn post(&self, url: &str, body: &[u8], deadline: Instant) -> Result<Vec<u8>, Failure>;
+}
+
+/// The HTTP upstream: a shared keep-alive agent and the stop flag.
+pub struct Http {
+    pub agent: Agent,
+    pub stopping: &'static AtomicBool,
+}
+
+impl Upstream for Http {
+    fn post(&self, url: &str, body: &[u8], deadline: Instant) -> Result<Vec<u8>, Failure> {
+        post(&self.agent, url, body, deadline, self.stopping)
+    }
 }
 
 /// Why a call to the upstream failed.
@@ -75,6 +67,10 @@ pub enum Failure {
     Request(String),
     /// HTTP 200 whose body fails validation.
     Invalid(String),
+    /// The API key source is configured but unusable: nothing was sent.
+    Credentials(String),
+    /// The job waited this many ms in the queue, past the fill's lease.
+    QueueExpired(u64),
     Stopped,
 }
 
@@ -89,20 +85,39 @@ impl Failure {
             Failure::Status(code, _) if (300..400).contains(code) => {
                 format!("ERR upstream returned HTTP {code}; redirects are not followed")
             }
+            // An auth failure's text is the likeliest to quote the key.
+            Failure::Status(code @ (401 | 403), _) => format!(
+                "ERR upstream returned HTTP {code}: the API key was refused (check \
+                 aicache.api-key-file or the variable named by aicache.api-key-env)"
+            ),
             Failure::Status(code, msg) => format!("ERR upstream returned HTTP {code}: {msg}"),
             Failure::TooLarge(n) => {
                 format!("ERR upstream response is larger than aicache.upstream-max-bytes {n}")
             }
             Failure::Request(e) => format!("ERR upstream request could not be built: {e}"),
             Failure::Invalid(e) => format!("ERR upstream returned an invalid response: {e}"),
+            Failure::Credentials(e) => e.clone(),
+            Failure::QueueExpired(ms) => format!(
+                "ERR fill not started: it waited {ms} ms in the queue, past aicache.lease-ms \
+                 (add workers or raise the lease)"
+            ),
             Failure::Stopped => "ERR aicache is shutting down".to_string(),
         };
-        sanitize(&scrub(&m, api_key().as_deref()))
+        sanitize(&m)
+    }
+
+    /// A refusal that may concern a single input of a batch (a provider's
+    /// token-limit error names none): the batch is worth splitting.
+    pub fn names_an_input(&self) -> bool {
+        matches!(self, Failure::Status(400 | 413 | 422, _))
     }
 
     pub fn count(&self) {
         let c = match self {
-            Failure::Connect(_) | Failure::Request(_) => &STATS.upstream_errors_connect,
+            Failure::Connect(_) | Failure::Request(_) | Failure::Credentials(_) => {
+                &STATS.upstream_errors_connect
+            }
+            Failure::QueueExpired(_) => &STATS.upstream_errors_timeout,
             Failure::Timeout(_) => &STATS.upstream_errors_timeout,
             Failure::Status(429, _) => &STATS.upstream_errors_http_429,
             Failure::Status(s, _) if *s >= 500 => &STATS.upstream_errors_http_5xx,
@@ -164,7 +179,7 @@ fn ms(b: &Bounded) -> Duration {
 
 /// POSTs `body` to `url` with retries until it succeeds, fails for good, or
 /// `deadline` passes. Returns the 200 response body.
-pub fn post(
+fn post(
     agent: &Agent,
     url: &str,
     body: &[u8],
@@ -176,7 +191,7 @@ pub fn post(
         base: ms(&config::BACKOFF_BASE_MS),
         cap: ms(&config::BACKOFF_CAP_MS),
     };
-    let key = api_key();
+    let key = apikey::current().map_err(Failure::Credentials)?;
     let mut retry = 0;
     loop {
         if stopping.load(Ordering::Relaxed) {
@@ -330,15 +345,20 @@ mod tests {
 
     #[test]
     fn it_never_repeats_the_key() {
-        let body =
-            br#"{"error": {"message": "Incorrect API key provided: sk-abc123. key=s3cr3t!"}}"#;
-        let t = error_text(body, Some("s3cr3t!"));
-        assert!(!t.contains("s3cr3t") && !t.contains("sk-abc"), "{t}");
+        let body = br#"{"error": {"message": "Incorrect API key provided: sk-abc123. key"}}"#;
+        let t = error_text(body, Some("s3cr3t-key!"));
+        assert!(!t.contains("sk-abc"), "{t}");
         assert!(t.contains("[redacted]"));
-        let f = Failure::Status(401, t);
-        assert!(f
-            .message()
-            .starts_with("ERR upstream returned HTTP 401: Incorrect API key"));
+        let body = br#"{"error": {"message": "bad key S3CR3T-KEY!"}}"#;
+        let t = error_text(body, Some("s3cr3t-key!"));
+        assert_eq!(t, "[message withheld: it repeated the API key]");
+        // Auth failures never carry the upstream's text at all.
+        let m = Failure::Status(401, "sk-whatever".into()).message();
+        assert!(
+            m.starts_with("ERR upstream returned HTTP 401: the API key was refused"),
+            "{m}"
+        );
+        assert!(!m.contains("sk-"));
     }
 
     #[test]

@@ -3,16 +3,14 @@
 
 use std::sync::{LazyLock, Mutex, MutexGuard};
 
-use redis_module::RedisError;
-
 use crate::config::{
     DAILY_TOKEN_BUDGET, GLOBAL_MAX_REQUESTS, GLOBAL_MAX_TOKENS, QUOTA_WINDOW_MS,
     TENANT_MAX_REQUESTS, TENANT_MAX_TOKENS,
 };
 use crate::model::errors::describe;
-use crate::model::quota::{Charge, Class, Limits, Quotas};
+pub use crate::model::quota::Charge;
+use crate::model::quota::{Class, Limits, Quotas};
 use crate::model::ttl::now_us;
-use crate::redis::ffi::error;
 use crate::stats::STATS;
 
 /// Tenants whose windows are kept; the least recently charged go first.
@@ -37,7 +35,7 @@ fn limits() -> Limits {
 
 /// Charges a call that is about to go upstream, or refuses it with a
 /// `THROTTLED` error carrying the wait in milliseconds.
-pub fn admit(tenant: Option<&[u8]>, requests: u64, tokens: u64) -> Result<Charge, RedisError> {
+pub fn admit(tenant: Option<&[u8]>, requests: u64, tokens: u64) -> Result<Charge, String> {
     let refusal = match quotas().admit(tenant, requests, tokens, now_us(), &limits()) {
         Ok(c) => return Ok(c),
         Err(r) => r,
@@ -46,6 +44,10 @@ pub fn admit(tenant: Option<&[u8]>, requests: u64, tokens: u64) -> Result<Charge
         (Class::TenantRequests | Class::TenantTokens, Some(t)) => {
             STATS.throttled_tenant.incr();
             format!("tenant '{}'", describe(t))
+        }
+        (Class::Tenants, _) => {
+            STATS.throttled_tenant.incr();
+            "the tenant table (every tracked tenant is active)".to_string()
         }
         (Class::Budget, _) => {
             STATS.throttled_budget.incr();
@@ -60,11 +62,11 @@ pub fn admit(tenant: Option<&[u8]>, requests: u64, tokens: u64) -> Result<Charge
         Some(ms) => format!("retry after {ms} ms"),
         None => "this call alone is over the limit".to_string(),
     };
-    Err(error(format!(
+    Err(format!(
         "THROTTLED {when}: {who} is at {} {}; no upstream call was made",
         refusal.class.config(),
         refusal.limit
-    )))
+    ))
 }
 
 /// One upstream request's charge until it is settled. Dropping it (a
@@ -77,7 +79,7 @@ impl Bill {
         Bill(charge)
     }
 
-    fn settle(
+    fn settle_with(
         &mut self,
         requests: impl FnOnce(&Charge) -> u64,
         tokens: impl FnOnce(&Charge) -> u64,
@@ -90,27 +92,27 @@ impl Bill {
 
     /// The call never went upstream: nothing is owed.
     pub fn refund(mut self) {
-        self.settle(|_| 0, |_| 0);
+        self.settle_with(|_| 0, |_| 0);
     }
 
-    /// The upstream answered, reporting `usage` tokens. An answer without
-    /// `usage` (0) keeps the estimate rather than billing nothing.
-    pub fn succeeded(mut self, usage: u64) {
-        self.settle(
-            |c| c.requests,
-            |c| if usage == 0 { c.tokens } else { usage },
+    /// Settles with what the job really did: `requests` made upstream and
+    /// `tokens` they reported. An answer without `usage` keeps the
+    /// estimate rather than billing nothing; failed calls bill no tokens.
+    pub fn settle(mut self, requests: u64, tokens: u64, answered: bool) {
+        self.settle_with(
+            |_| requests,
+            |c| match (answered, tokens) {
+                (false, _) => 0,
+                (true, 0) => c.tokens,
+                (true, t) => t,
+            },
         );
-    }
-
-    /// The upstream was called and failed: failed calls bill no tokens.
-    pub fn failed(mut self) {
-        self.settle(|c| c.requests, |_| 0);
     }
 }
 
 impl Drop for Bill {
     fn drop(&mut self) {
-        self.settle(|c| c.requests, |_| 0);
+        self.settle_with(|c| c.requests, |_| 0);
     }
 }
 

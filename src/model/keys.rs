@@ -104,6 +104,11 @@ impl<'a> Namespace<'a> {
         })
     }
 
+    /// The namespace's cluster hash tag.
+    pub fn tag(&self) -> &[u8] {
+        self.tag
+    }
+
     /// Key of the embedding for (model, text). The namespace is hashed too:
     /// `{t}:a` and `{t}:b` share a tag but must not share entries.
     pub fn embedding_key(&self, model: &[u8], text: &[u8]) -> Vec<u8> {

@@ -1,6 +1,7 @@
 //! Pure logic: no Redis types, no globals but a jitter RNG, time and
 //! randomness passed in. Everything here is unit-tested without a server.
 
+pub mod batch;
 pub mod canon;
 pub mod codec;
 pub mod embed;
@@ -8,7 +9,9 @@ pub mod errors;
 pub mod failmem;
 pub mod inflight;
 pub mod keys;
+pub mod pins;
 pub mod quota;
+pub mod reply;
 pub mod retry;
 pub mod ttl;
 pub mod window;

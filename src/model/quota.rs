@@ -4,8 +4,6 @@
 //! corrected with the upstream's `usage` after it. Pure: time is a
 //! parameter. State is per node and in memory.
 
-use std::num::NonZeroUsize;
-
 use lru::LruCache;
 
 use crate::model::window::Window;
@@ -30,6 +28,8 @@ pub enum Class {
     GlobalRequests,
     GlobalTokens,
     Budget,
+    /// The tenant table is full of tenants with live windows.
+    Tenants,
 }
 
 impl Class {
@@ -40,6 +40,7 @@ impl Class {
             Class::GlobalRequests => "aicache.global-max-requests",
             Class::GlobalTokens => "aicache.global-max-tokens",
             Class::Budget => "aicache.daily-token-budget",
+            Class::Tenants => "tracked tenants",
         }
     }
 }
@@ -98,6 +99,7 @@ impl Pair {
 
 pub struct Quotas {
     tenants: LruCache<Vec<u8>, Pair>,
+    capacity: usize,
     global: Pair,
     day: u64,
     spent_today: u64,
@@ -114,7 +116,8 @@ impl Quotas {
     /// windows are dropped first (it starts afresh if it comes back).
     pub fn new(max_tenants: usize) -> Self {
         Quotas {
-            tenants: LruCache::new(NonZeroUsize::new(max_tenants).unwrap_or(NonZeroUsize::MIN)),
+            tenants: LruCache::unbounded(),
+            capacity: max_tenants.max(1),
             global: Pair::new(60_000_000),
             day: 0,
             spent_today: 0,
@@ -155,12 +158,15 @@ impl Quotas {
     ) -> Result<Charge, Refusal> {
         self.roll_day(now_us);
         let now_us = self.last_us;
-        if l.daily_tokens > 0 && self.spent_today >= l.daily_tokens {
+        // A call must fit in what is left of the budget by its own
+        // estimate: the only overshoot left is estimate versus usage.
+        if l.daily_tokens > 0 && self.spent_today.saturating_add(tokens) > l.daily_tokens {
             let next_day = (self.day + 1) * DAY_US;
             return Err(Refusal {
                 class: Class::Budget,
                 limit: l.daily_tokens,
-                retry_after_ms: Some(ms_ceil(next_day.saturating_sub(now_us)).max(1)),
+                retry_after_ms: (tokens <= l.daily_tokens)
+                    .then(|| ms_ceil(next_day.saturating_sub(now_us)).max(1)),
             });
         }
         if self.global.requests.window_us() != l.window_us {
@@ -168,14 +174,30 @@ impl Quotas {
             self.tenants.clear();
             self.generation += 1;
         }
-        let tenant_pair = match tenant {
-            Some(t) if l.tenant_requests > 0 || l.tenant_tokens > 0 => {
-                if !self.tenants.contains(t) {
-                    self.tenants.put(t.to_vec(), Pair::new(l.window_us));
-                }
-                self.tenants.get_mut(t)
+        let limited = tenant.filter(|_| l.tenant_requests > 0 || l.tenant_tokens > 0);
+        // A new tenant is checked against fresh windows and enters the
+        // table only once admitted, and only in place of a tenant whose
+        // windows are empty: rotating tenant ids cannot erase anyone's state.
+        let mut fresh = Pair::new(l.window_us);
+        let known = limited.is_some_and(|t| self.tenants.contains(t));
+        if limited.is_some() && !known && self.tenants.len() >= self.capacity {
+            let idle = self
+                .tenants
+                .peek_lru()
+                .is_some_and(|(_, p)| p.requests.is_idle(now_us) && p.tokens.is_idle(now_us));
+            if !idle {
+                return Err(Refusal {
+                    class: Class::Tenants,
+                    limit: self.capacity as u64,
+                    retry_after_ms: Some(ms_ceil(l.window_us).max(1)),
+                });
             }
-            _ => None,
+            self.tenants.pop_lru();
+        }
+        let tenant_pair = match limited {
+            Some(t) if known => self.tenants.get_mut(t),
+            Some(_) => Some(&mut fresh),
+            None => None,
         };
         let mut checks: Vec<(&mut Window, u64, u64, Class)> = Vec::with_capacity(4);
         if let Some(p) = tenant_pair {
@@ -212,6 +234,9 @@ impl Quotas {
         }
         for (w, max, cost, _) in checks {
             w.check(now_us, max, cost);
+        }
+        if let (Some(t), false) = (limited, known) {
+            self.tenants.put(t.to_vec(), fresh);
         }
         self.spent_today = self.spent_today.saturating_add(tokens);
         Ok(Charge {
@@ -348,7 +373,7 @@ mod tests {
         let mut q = Quotas::new(10);
         let l = Limits {
             tenant_requests: 1,
-            daily_tokens: 100,
+            daily_tokens: 1 << 53,
             ..limits()
         };
         let c = q.admit(Some(b"a"), 1, 1 << 53, 5, &l).unwrap();
@@ -389,7 +414,7 @@ mod tests {
     }
 
     #[test]
-    fn tenants_are_bounded() {
+    fn tenants_are_bounded_and_a_new_one_never_evicts_live_state() {
         let mut q = Quotas::new(2);
         let l = Limits {
             tenant_requests: 1,
@@ -397,8 +422,44 @@ mod tests {
         };
         assert!(q.admit(Some(b"a"), 1, 1, 0, &l).is_ok());
         assert!(q.admit(Some(b"b"), 1, 1, 0, &l).is_ok());
-        assert!(q.admit(Some(b"c"), 1, 1, 0, &l).is_ok());
+        let r = q.admit(Some(b"c"), 1, 1, 1, &l).unwrap_err();
+        assert_eq!(r.class, Class::Tenants);
         assert_eq!(q.tenants.len(), 2);
+        // "a" is still limited: rotating ids did not reset it.
+        assert_eq!(
+            q.admit(Some(b"a"), 1, 1, 2, &l).unwrap_err().class,
+            Class::TenantRequests
+        );
+        // Once a window has passed, the idle tenant makes room.
+        assert!(q.admit(Some(b"c"), 1, 1, 2 * MIN, &l).is_ok());
+        assert_eq!(q.tenants.len(), 2);
+    }
+
+    #[test]
+    fn a_refused_new_tenant_is_not_tracked() {
+        let mut q = Quotas::new(10);
+        let l = Limits {
+            tenant_tokens: 10,
+            ..limits()
+        };
+        assert!(q.admit(Some(b"big"), 1, 11, 0, &l).is_err());
+        assert_eq!(q.tenants.len(), 0);
+    }
+
+    #[test]
+    fn a_call_must_fit_in_what_is_left_of_the_budget() {
+        let mut q = Quotas::new(10);
+        let l = Limits {
+            daily_tokens: 100,
+            ..limits()
+        };
+        let r = q.admit(None, 1, 150, 0, &l).unwrap_err();
+        assert_eq!((r.class, r.retry_after_ms), (Class::Budget, None));
+        assert!(q.admit(None, 1, 60, 1, &l).is_ok());
+        let r = q.admit(None, 1, 41, 2, &l).unwrap_err();
+        assert_eq!(r.class, Class::Budget);
+        assert!(r.retry_after_ms.is_some());
+        assert!(q.admit(None, 1, 40, 3, &l).is_ok());
     }
 
     #[test]

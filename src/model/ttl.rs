@@ -22,6 +22,19 @@ pub fn jittered_ms(base_secs: u64, pct: u64, random: u64) -> u64 {
     (base - spread + offset).max(1) as u64
 }
 
+/// How a fill keeps its entries: seconds before jitter (0 = forever).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expiry {
+    pub ttl_secs: u64,
+    pub jitter_pct: u64,
+}
+
+/// Absolute expiry in Unix ms of one write made at `now_ms`, or None for
+/// no expiry (`ttl_secs` 0). Every write gets its own jitter draw.
+pub fn expire_at(now_ms: u64, ttl_secs: u64, pct: u64, random: u64) -> Option<u64> {
+    (ttl_secs > 0).then(|| now_ms + jittered_ms(ttl_secs, pct, random))
+}
+
 /// Parses the `EX` argument: a positive integer number of seconds.
 pub fn parse_ex(arg: &[u8]) -> Result<u64, String> {
     let err =
@@ -122,6 +135,12 @@ mod tests {
     fn it_never_returns_zero_or_overflows() {
         assert!(jittered_ms(1, 90, 0) >= 1);
         assert!(jittered_ms(u64::MAX, 90, u64::MAX) <= MAX_TTL_SECS * 1900);
+    }
+
+    #[test]
+    fn it_expires_only_with_a_ttl() {
+        assert_eq!(expire_at(1_000, 0, 10, 5), None);
+        assert_eq!(expire_at(1_000, 10, 0, 5), Some(11_000));
     }
 
     #[test]

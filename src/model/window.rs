@@ -84,6 +84,11 @@ impl Window {
         (self.oldest(now)..=self.head).fold(0u64, |a, b| a.saturating_add(self.at(b)))
     }
 
+    /// True when nothing admitted still counts at `now_us`.
+    pub fn is_idle(&self, now_us: u64) -> bool {
+        self.used(now_us.max(self.last_us)) == 0
+    }
+
     /// Admits `cost` at `now_us` if it fits under `max`, and records it.
     pub fn check(&mut self, now_us: u64, max: u64, cost: u64) -> Decision {
         let d = self.peek(now_us, max, cost);

@@ -4,9 +4,8 @@
 //! user data, and never send an unsanitised error.
 
 use std::os::raw::{c_int, c_void};
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::ptr::NonNull;
-use std::sync::Arc;
+use std::panic::catch_unwind;
+use std::sync::Mutex;
 
 use redis_module::{
     raw, CallOptions, CallOptionsBuilder, CallReply, CallResult, Context, ContextFlags, KeyType,
@@ -15,22 +14,25 @@ use redis_module::{
 
 use crate::model::codec::fp32_to_json;
 use crate::model::errors::sanitize;
-use crate::stats::STATS;
+use crate::model::reply::{Item, Reply};
 
 /// Every error reply goes through here: printable ASCII, bounded.
 pub fn error(msg: impl AsRef<str>) -> RedisError {
     RedisError::String(sanitize(msg.as_ref()))
 }
 
-fn call_options(replicate: bool) -> CallOptions {
-    let b = CallOptionsBuilder::new().errors_as_replies();
+fn call_options(replicate: bool, check_oom: bool) -> CallOptions {
+    let mut b = CallOptionsBuilder::new().errors_as_replies();
     if replicate {
         // Script mode makes a write obey min-replicas-to-write and refuse
         // after a failed save (MISCONF), as a client's own write would.
-        b.replicate().script_mode().build()
-    } else {
-        b.build()
+        b = b.replicate().script_mode();
     }
+    if check_oom {
+        // From a worker this checks the memory in use at this very call.
+        b = b.verify_oom();
+    }
+    b.build()
 }
 
 /// Runs a command with binary-safe arguments. `replicate` sends the command
@@ -42,7 +44,20 @@ pub fn call<T>(
     replicate: bool,
     read: impl FnOnce(CallReply<'_>) -> T,
 ) -> Result<T, RedisError> {
-    let res: CallResult<'static> = ctx.call_ext(cmd, &call_options(replicate), args);
+    call_checked(ctx, cmd, args, replicate, false, read)
+}
+
+/// [`call`], refused like a client's write when Redis is over `maxmemory`
+/// and `check_oom` is set.
+pub fn call_checked<T>(
+    ctx: &Context,
+    cmd: &str,
+    args: &[&[u8]],
+    replicate: bool,
+    check_oom: bool,
+    read: impl FnOnce(CallReply<'_>) -> T,
+) -> Result<T, RedisError> {
+    let res: CallResult<'static> = ctx.call_ext(cmd, &call_options(replicate, check_oom), args);
     match res {
         Ok(reply) => Ok(read(reply)),
         Err(e) => Err(error(String::from_utf8_lossy(e.as_bytes()))),
@@ -85,18 +100,24 @@ pub fn set_string(
     value: &[u8],
     expire_at_ms: Option<u64>,
 ) -> Result<(), RedisError> {
+    set_string_checked(ctx, key, value, expire_at_ms, false)
+}
+
+/// [`set_string`], refused over `maxmemory` when `check_oom` is set.
+pub fn set_string_checked(
+    ctx: &Context,
+    key: &[u8],
+    value: &[u8],
+    expire_at_ms: Option<u64>,
+    check_oom: bool,
+) -> Result<(), RedisError> {
     match expire_at_ms {
         Some(at) => {
             let at = at.to_string();
-            call(
-                ctx,
-                "SET",
-                &[key, value, b"PXAT", at.as_bytes()],
-                true,
-                |_| (),
-            )
+            let args: [&[u8]; 4] = [key, value, b"PXAT", at.as_bytes()];
+            call_checked(ctx, "SET", &args, true, check_oom, |_| ())
         }
-        None => call(ctx, "SET", &[key, value], true, |_| ()),
+        None => call_checked(ctx, "SET", &[key, value], true, check_oom, |_| ()),
     }
 }
 
@@ -128,15 +149,8 @@ pub fn reply_null(ctx: &Context) -> RedisValue {
     RedisValue::NoReply
 }
 
-/// What a blocked FETCH finally receives.
-pub enum Reply {
-    Error(String),
-    Bulk(Arc<[u8]>),
-    /// One element per input; JSON renders each vector as a number array.
-    Vectors(Vec<Arc<[u8]>>, bool),
-}
-
-fn send(ctx: &Context, reply: &Reply) {
+/// Renders a reply on the main thread.
+pub fn send(ctx: &Context, reply: &Reply) {
     match reply {
         Reply::Error(e) => {
             ctx.reply(Err(error(e)));
@@ -144,120 +158,34 @@ fn send(ctx: &Context, reply: &Reply) {
         Reply::Bulk(b) => {
             reply_bytes(ctx, b);
         }
-        Reply::Vectors(items, json) => {
+        Reply::Items { items, json } => {
             reply_array(ctx, items.len());
-            for v in items {
-                if *json {
-                    reply_bytes(ctx, &fp32_to_json(v));
-                } else {
-                    reply_bytes(ctx, v);
+            for item in items {
+                match item {
+                    Item::Value(v) if *json => {
+                        reply_bytes(ctx, &fp32_to_json(v));
+                    }
+                    Item::Value(v) => {
+                        reply_bytes(ctx, v);
+                    }
+                    Item::Error(e) => {
+                        raw::reply_with_error(ctx.ctx, to_cstring(e).as_ptr());
+                    }
                 }
             }
         }
     }
 }
 
+/// An error for the wire: sanitised, so it holds no NUL.
+fn to_cstring(msg: &str) -> std::ffi::CString {
+    std::ffi::CString::new(sanitize(msg)).unwrap_or_default()
+}
+
 /// Replies on the main thread, without blocking.
 pub fn send_now(ctx: &Context, reply: Reply) -> RedisValue {
     send(ctx, &reply);
     RedisValue::NoReply
-}
-
-/// A client blocked by FETCH. `unblock` consumes it, and dropping it
-/// unblocks with an error, so every blocked client is released exactly once
-/// (Redis frees the handle and our reply only then, even for a client that
-/// timed out or disconnected meanwhile).
-pub struct Blocked(Option<NonNull<raw::RedisModuleBlockedClient>>);
-
-// SAFETY: the handle is only passed to RedisModule_UnblockClient, which Redis
-// documents as callable from any thread, and `unblock` takes it by value, so
-// it is used once.
-unsafe impl Send for Blocked {}
-
-impl Blocked {
-    /// Blocks the calling client for at most `timeout_ms`; Redis itself then
-    /// replies through `on_timeout`. None when Redis refuses to block.
-    pub fn new(ctx: &Context, timeout_ms: u64) -> Option<Blocked> {
-        // SAFETY: ctx is the live context of the command being run, and
-        // the callbacks are `extern "C"` functions that never unwind.
-        let bc = unsafe {
-            raw::RedisModule_BlockClient?(
-                ctx.ctx,
-                Some(on_reply),
-                Some(on_timeout),
-                Some(free_reply),
-                timeout_ms.min(i64::MAX as u64) as i64,
-            )
-        };
-        NonNull::new(bc).map(|p| Blocked(Some(p)))
-    }
-
-    pub fn unblock(mut self, reply: Reply) {
-        self.release(reply);
-    }
-
-    fn release(&mut self, reply: Reply) {
-        let Some(bc) = self.0.take() else { return };
-        let data = Box::into_raw(Box::new(reply));
-        // SAFETY: `bc` came from RedisModule_BlockClient and `take` makes this
-        // the only release; Redis hands `data` to on_reply and then to
-        // free_reply, which turns it back into the Box.
-        unsafe {
-            if let Some(unblock) = raw::RedisModule_UnblockClient {
-                unblock(bc.as_ptr(), data.cast());
-            }
-        }
-    }
-}
-
-impl Drop for Blocked {
-    fn drop(&mut self) {
-        self.release(Reply::Error("ERR internal error: fill abandoned".into()));
-    }
-}
-
-extern "C" fn on_reply(
-    ctx: *mut raw::RedisModuleCtx,
-    _: *mut *mut raw::RedisModuleString,
-    _: c_int,
-) -> c_int {
-    let _ = catch_unwind(AssertUnwindSafe(|| {
-        let context = Context::new(ctx);
-        // SAFETY: Redis calls this only for a client released by
-        // UnblockClient, whose private data is our Reply (or null).
-        let data = unsafe { raw::RedisModule_GetBlockedClientPrivateData.map(|f| f(ctx)) };
-        match data.and_then(|p| NonNull::new(p.cast::<Reply>())) {
-            // SAFETY: the Reply stays alive until free_reply runs, after this.
-            Some(r) => send(&context, unsafe { r.as_ref() }),
-            None => send(
-                &context,
-                &Reply::Error("ERR internal error: no reply".into()),
-            ),
-        }
-    }));
-    raw::REDISMODULE_OK as c_int
-}
-
-extern "C" fn on_timeout(
-    ctx: *mut raw::RedisModuleCtx,
-    _: *mut *mut raw::RedisModuleString,
-    _: c_int,
-) -> c_int {
-    let _ = catch_unwind(|| {
-        STATS.wait_timeouts.incr();
-        let msg = "ERR timed out waiting for the upstream fill (TIMEOUT option or aicache.wait-timeout-ms)";
-        send(&Context::new(ctx), &Reply::Error(msg.into()));
-    });
-    raw::REDISMODULE_OK as c_int
-}
-
-extern "C" fn free_reply(_: *mut raw::RedisModuleCtx, data: *mut c_void) {
-    if let Some(p) = NonNull::new(data.cast::<Reply>()) {
-        // SAFETY: `data` is the Box leaked in `release`; Redis frees it once.
-        let _ = catch_unwind(AssertUnwindSafe(|| {
-            drop(unsafe { Box::from_raw(p.as_ptr()) })
-        }));
-    }
 }
 
 /// The DB the calling client has selected.
@@ -283,6 +211,58 @@ pub fn may_write(ctx: &Context) -> bool {
     flags.contains(ContextFlags::MASTER) && !flags.contains(ContextFlags::READONLY) && !avoid
 }
 
+/// Memory state for a worker about to write, read under the lock.
+pub enum Memory {
+    /// No limit in the way.
+    Fine,
+    /// Over `maxmemory`: a client's write would be refused now.
+    Over,
+    /// A limit without eviction: check every write, as Redis would.
+    Strict,
+}
+
+pub fn memory(ctx: &Context) -> Memory {
+    let flags = ctx.get_flags();
+    if flags.contains(ContextFlags::OOM) {
+        Memory::Over
+    } else if flags.contains(ContextFlags::MAXMEMORY) && !flags.contains(ContextFlags::EVICTED) {
+        Memory::Strict
+    } else {
+        Memory::Fine
+    }
+}
+
+/// A string config's value as Redis reads it: Redis copies the bytes and
+/// never frees what a getter returns, so the config owns it and replaces
+/// it only when the value changes.
+pub struct OwnedString(Mutex<Option<RedisString>>);
+
+// SAFETY: the string is created with no context (not tied to a client) and
+// only read or replaced under the mutex; Redis calls config getters and
+// setters on the main thread.
+unsafe impl Send for OwnedString {}
+// SAFETY: as above, every access goes through the mutex.
+unsafe impl Sync for OwnedString {}
+
+impl OwnedString {
+    pub const fn new() -> Self {
+        OwnedString(Mutex::new(None))
+    }
+
+    /// A borrowed handle for a config getter: Redis must not free it.
+    pub fn get(&self, value: &str) -> RedisString {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if g.as_ref().map(|s| s.as_slice()) != Some(value.as_bytes()) {
+            *g = Some(RedisString::create_from_slice(
+                std::ptr::null_mut(),
+                value.as_bytes(),
+            ));
+        }
+        let inner = g.as_ref().map_or(std::ptr::null_mut(), |s| s.inner);
+        RedisString::from_redis_module_string(std::ptr::null_mut(), inner)
+    }
+}
+
 /// Calls `f` when Redis starts shutting down.
 pub fn on_shutdown(ctx: &Context, f: fn()) {
     static HOOK: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
@@ -302,4 +282,84 @@ pub fn on_shutdown(ctx: &Context, f: fn()) {
         dataver: 1,
     };
     raw::subscribe_to_server_event(ctx.ctx, event, Some(shutdown_event));
+}
+
+/// Calls `f` when the command `CONFIG RESETSTAT` runs: Redis has no server
+/// event for it, so a command filter spots it (two arguments compared per
+/// command, nothing else).
+pub fn on_resetstat(ctx: &Context, f: fn()) {
+    static HOOK: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+    extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
+        let _ = catch_unwind(|| {
+            let arg = |i: c_int| -> Vec<u8> {
+                // SAFETY: fctx is the live filter context; ArgGet returns a
+                // string owned by the command, read at once.
+                unsafe {
+                    let s = raw::RedisModule_CommandFilterArgGet
+                        .map_or(std::ptr::null_mut(), |g| g(fctx, i));
+                    if s.is_null() {
+                        return Vec::new();
+                    }
+                    let mut len = 0usize;
+                    let p =
+                        raw::RedisModule_StringPtrLen.map_or(std::ptr::null(), |g| g(s, &mut len));
+                    if p.is_null() {
+                        return Vec::new();
+                    }
+                    std::slice::from_raw_parts(p.cast::<u8>(), len).to_vec()
+                }
+            };
+            // SAFETY: as above.
+            let argc = unsafe { raw::RedisModule_CommandFilterArgsCount.map_or(0, |g| g(fctx)) };
+            if argc == 2
+                && arg(0).eq_ignore_ascii_case(b"config")
+                && arg(1).eq_ignore_ascii_case(b"resetstat")
+            {
+                if let Some(f) = HOOK.get() {
+                    f();
+                }
+            }
+        });
+    }
+    let _ = HOOK.set(f);
+    // SAFETY: registering a filter with the live OnLoad context.
+    unsafe {
+        if let Some(register) = raw::RedisModule_RegisterCommandFilter {
+            register(
+                ctx.ctx,
+                Some(filter),
+                raw::REDISMODULE_CMDFILTER_NOSELF as c_int,
+            );
+        }
+    }
+}
+
+/// Calls `f(Some(db))` after FLUSHDB, `f(None)` after FLUSHALL and SWAPDB.
+pub fn on_flush(ctx: &Context, f: fn(Option<i32>)) {
+    static HOOK: std::sync::OnceLock<fn(Option<i32>)> = std::sync::OnceLock::new();
+    extern "C" fn flushed(
+        _: *mut raw::RedisModuleCtx,
+        event: raw::RedisModuleEvent,
+        _: u64,
+        data: *mut c_void,
+    ) {
+        let _ = catch_unwind(|| {
+            let Some(f) = HOOK.get() else { return };
+            if event.id == raw::REDISMODULE_EVENT_FLUSHDB && !data.is_null() {
+                // SAFETY: Redis passes a RedisModuleFlushInfo for this event.
+                let db = unsafe { (*data.cast::<raw::RedisModuleFlushInfo>()).dbnum };
+                f((db >= 0).then_some(db));
+            } else {
+                f(None);
+            }
+        });
+    }
+    let _ = HOOK.set(f);
+    for id in [
+        raw::REDISMODULE_EVENT_FLUSHDB,
+        raw::REDISMODULE_EVENT_SWAPDB,
+    ] {
+        let event = raw::RedisModuleEvent { id, dataver: 1 };
+        raw::subscribe_to_server_event(ctx.ctx, event, Some(flushed));
+    }
 }

@@ -1,0 +1,657 @@
+//! The one entry point of a fill. A command handler describes its work
+//! ([`Work`]: entries with their hits, inputs, store policy, tenant,
+//! deadline); this file joins each missing entry to the single-flight
+//! registry, consults failure memory and the spend limits, cuts the new
+//! fills into upstream requests and queues them. Workers answer through
+//! [`Pending`].
+
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use redis_module::{Context, ContextFlags, RedisResult, RedisValue};
+
+use crate::fill::call::{Answer, Call, FillError, FillResult, Shape};
+use crate::fill::job::{Job, Task};
+use crate::fill::pool::{self, Refused};
+use crate::limits::spend::{self, Bill};
+use crate::model::batch::batches;
+use crate::model::failmem::FailMemory;
+use crate::model::inflight::{Join, Registry};
+use crate::model::ttl::now_ms;
+use crate::redis::blocked::Blocked;
+use crate::redis::ffi;
+use crate::stats::STATS;
+
+/// One distinct entry of a call.
+pub struct Entry {
+    /// The entry's key in Redis.
+    pub key: Vec<u8>,
+    /// What goes upstream for it (the text, for embeddings).
+    pub input: String,
+    /// Estimated tokens, for the spend limits and batching.
+    pub tokens: u64,
+    pub hit: Option<Arc<[u8]>>,
+}
+
+pub use crate::model::ttl::Expiry;
+
+pub struct EmbedSpec {
+    pub url: String,
+    pub model: String,
+    pub dims: Option<u32>,
+    /// The namespace's pin hash, unless DIMENSIONS fixes the size.
+    pub pin_key: Option<Vec<u8>>,
+    pub fixed_dims: usize,
+    pub max_dims: usize,
+    pub base64: bool,
+}
+
+pub struct ChatSpec {
+    pub url: String,
+    pub body: Vec<u8>,
+    pub max_bytes: usize,
+}
+
+pub enum Kind {
+    Embed(Arc<EmbedSpec>),
+    Chat(Arc<ChatSpec>),
+}
+
+/// Everything a fill needs, built by a command handler.
+pub struct Work {
+    pub db: i32,
+    pub kind: Kind,
+    pub entries: Vec<Entry>,
+    pub shape: Shape,
+    /// None: NOSTORE, answer but keep nothing.
+    pub expiry: Option<Expiry>,
+    pub tenant: Option<Vec<u8>>,
+    pub timeout_ms: u64,
+    pub batch_size: usize,
+    pub batch_max_tokens: u64,
+    pub lease_ms: u64,
+    pub max_fills: usize,
+    pub fail_memory_ms: u64,
+}
+
+impl Work {
+    fn missing(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.entries.len()).filter(|&i| self.entries[i].hit.is_none())
+    }
+
+    /// The single-flight key: a fill stores into one DB, and NOSTORE
+    /// fills store nothing, so only calls that would store alike share.
+    fn fill_key(&self, slot: usize) -> Vec<u8> {
+        let mut k = self.entries[slot].key.clone();
+        k.extend_from_slice(&self.db.to_be_bytes());
+        k.push(u8::from(self.expiry.is_none()));
+        k
+    }
+}
+
+pub struct Waiter {
+    call: Arc<Call>,
+    slot: usize,
+}
+
+static REGISTRY: LazyLock<Mutex<Registry<Waiter>>> =
+    LazyLock::new(|| Mutex::new(Registry::new(65_536, 60_000)));
+static FAILURES: LazyLock<Mutex<FailMemory>> =
+    LazyLock::new(|| Mutex::new(FailMemory::new(65_536)));
+
+fn registry() -> MutexGuard<'static, Registry<Waiter>> {
+    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn failures() -> MutexGuard<'static, FailMemory> {
+    FAILURES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn fills_in_flight() -> usize {
+    registry().len()
+}
+
+/// EMBCACHE.FETCH / LLMCACHE.FETCH after their hits were read: replies now
+/// when nothing is missing, else blocks the client and starts the fills.
+pub fn fetch(ctx: &Context, work: Work) -> RedisResult {
+    let missing = work.missing().count();
+    if missing == 0 {
+        let slots = work.entries.into_iter().map(|e| e.hit).collect();
+        let reply = crate::fill::call::render_hits(slots, &work.shape);
+        return Ok(ffi::send_now(ctx, reply));
+    }
+    check_can_fill(ctx, missing)?;
+    let timeout_ms = work.timeout_ms;
+    let block = |call: Weak<Call>| -> Option<Box<dyn Answer>> {
+        let on_deadline = Box::new(move || {
+            if let Some(c) = call.upgrade() {
+                c.expire();
+            }
+        });
+        Blocked::new(ctx, timeout_ms, on_deadline).map(|b| Box::new(b) as Box<dyn Answer>)
+    };
+    match start(work, now_ms(), block) {
+        Ok(jobs) => {
+            submit(jobs);
+            Ok(RedisValue::NoReply)
+        }
+        Err(msg) => Err(ffi::error(msg)),
+    }
+}
+
+/// Misses need a real block and a master that may write; anything else
+/// is answered now, before any fill starts.
+fn check_can_fill(ctx: &Context, misses: usize) -> Result<(), redis_module::RedisError> {
+    let flags = ctx.get_flags();
+    let why = if flags
+        .intersects(ContextFlags::MULTI | ContextFlags::LUA | ContextFlags::DENY_BLOCKING)
+    {
+        "and this context cannot block (MULTI, script or module call); run FETCH on its own or read with GET"
+    } else if !flags.contains(ContextFlags::MASTER) {
+        "on a replica; fills run on the master"
+    } else {
+        return Ok(());
+    };
+    Err(ffi::error(format!("ERR {misses} cache miss(es) {why}")))
+}
+
+/// Joins the call's missing entries to fills and returns the jobs to run
+/// for the fills it starts. Err: refused before anything happened (the
+/// client is not blocked). Ok: the client is blocked, or was answered.
+pub fn start(
+    work: Work,
+    now: u64,
+    block: impl FnOnce(Weak<Call>) -> Option<Box<dyn Answer>>,
+) -> Result<Vec<Job>, String> {
+    let missing: Vec<usize> = work.missing().collect();
+    let fill_keys: Vec<Vec<u8>> = missing.iter().map(|&s| work.fill_key(s)).collect();
+    if work.fail_memory_ms > 0 {
+        let mut f = failures();
+        if let Some(msg) = fill_keys.iter().find_map(|k| f.check(k, now)) {
+            STATS.fail_fast_errors.incr();
+            let msg = msg.trim_start_matches("ERR ");
+            return Err(format!(
+                "ERR {msg} (failing fast: the same fill failed within aicache.fail-memory-ms)"
+            ));
+        }
+    }
+    let mut reg = registry();
+    reg.set_limits(work.max_fills, work.lease_ms);
+    let new: Vec<usize> = missing
+        .iter()
+        .zip(&fill_keys)
+        .filter(|(_, k)| !reg.is_live(k, now))
+        .map(|(&s, _)| s)
+        .collect();
+    // Only the fills this call starts go upstream, so only they are charged.
+    let charge = if new.is_empty() {
+        None
+    } else {
+        let (requests, tokens) = cost(&work, &new);
+        Some(spend::admit(work.tenant.as_deref(), requests, tokens)?)
+    };
+    let slots = work.entries.iter().map(|e| e.hit.clone()).collect();
+    let call = Call::new(slots, work.shape.clone());
+    let Some(answer) = block(Arc::downgrade(&call)) else {
+        drop(reg);
+        Bill::new(charge).refund();
+        return Err("ERR this client cannot be blocked".into());
+    };
+    call.attach(answer);
+    let mut started = Vec::new();
+    let mut full = false;
+    for (&slot, key) in missing.iter().zip(&fill_keys) {
+        let waiter = Waiter {
+            call: call.clone(),
+            slot,
+        };
+        match reg.join(key, now, waiter) {
+            Join::Start(id) => started.push((slot, id)),
+            Join::Wait(_) => STATS.coalesced_waiters.incr(),
+            Join::Full => {
+                full = true;
+                break;
+            }
+        }
+    }
+    drop(reg);
+    if full {
+        Bill::new(charge).refund();
+        STATS.fill_capacity_errors.incr();
+        let msg = format!(
+            "ERR too many fills in flight (aicache.max-fills {})",
+            work.max_fills
+        );
+        call.fail(&msg);
+        let keys = started.iter().map(|&(s, _)| work.fill_key(s)).collect();
+        Pending::new(started.iter().map(|&(_, id)| id).collect(), keys, 0).fail(&msg);
+        return Ok(Vec::new());
+    }
+    STATS.fills_started.add(started.len() as u64);
+    Ok(jobs(&work, &started, charge))
+}
+
+/// Upstream requests and estimated tokens of filling `slots` now.
+fn cost(work: &Work, slots: &[usize]) -> (u64, u64) {
+    let tokens: Vec<u64> = slots.iter().map(|&s| work.entries[s].tokens).collect();
+    let requests = match work.kind {
+        Kind::Embed(_) => batches(&tokens, work.batch_size, work.batch_max_tokens).len(),
+        Kind::Chat(_) => 1,
+    };
+    (requests as u64, tokens.iter().sum())
+}
+
+fn jobs(work: &Work, started: &[(usize, u64)], charge: Option<spend::Charge>) -> Vec<Job> {
+    let deadline = Instant::now() + Duration::from_millis(work.lease_ms);
+    let tokens: Vec<u64> = started
+        .iter()
+        .map(|&(s, _)| work.entries[s].tokens)
+        .collect();
+    let cuts = match work.kind {
+        Kind::Embed(_) => batches(&tokens, work.batch_size, work.batch_max_tokens),
+        Kind::Chat(_) => std::iter::once(0..started.len()).collect(),
+    };
+    cuts.into_iter()
+        .map(|r| {
+            let part = &started[r.clone()];
+            let est: u64 = tokens[r].iter().sum();
+            let task = match &work.kind {
+                Kind::Embed(spec) => Task::Embed {
+                    spec: spec.clone(),
+                    inputs: part
+                        .iter()
+                        .map(|&(s, _)| work.entries[s].input.clone())
+                        .collect(),
+                    keys: part
+                        .iter()
+                        .map(|&(s, _)| work.entries[s].key.clone())
+                        .collect(),
+                },
+                Kind::Chat(spec) => Task::Chat {
+                    spec: spec.clone(),
+                    key: work.entries[part[0].0].key.clone(),
+                },
+            };
+            Job {
+                pending: Pending::new(
+                    part.iter().map(|&(_, id)| id).collect(),
+                    part.iter().map(|&(s, _)| work.fill_key(s)).collect(),
+                    work.fail_memory_ms,
+                ),
+                bill: Bill::new(charge.as_ref().map(|c| c.part(1, est))),
+                db: work.db,
+                expiry: work.expiry,
+                deadline,
+                queued: Instant::now(),
+                task,
+            }
+        })
+        .collect()
+}
+
+/// The fills a job must answer for. Dropping it unanswered (a panicking
+/// worker, a job dropped at shutdown) fails them, so no waiter is left.
+pub struct Pending {
+    ids: Vec<u64>,
+    fill_keys: Vec<Vec<u8>>,
+    fail_memory_ms: u64,
+}
+
+impl Pending {
+    fn new(ids: Vec<u64>, fill_keys: Vec<Vec<u8>>, fail_memory_ms: u64) -> Self {
+        Pending {
+            ids,
+            fill_keys,
+            fail_memory_ms,
+        }
+    }
+
+    /// Completes fill `i` of this job with `results[i]`; failures are
+    /// remembered for aicache.fail-memory-ms unless `remember` is false.
+    pub fn finish(mut self, results: Vec<FillResult>, remember: bool) {
+        if remember && self.fail_memory_ms > 0 {
+            let now = now_ms();
+            let mut f = failures();
+            for (k, r) in self.fill_keys.iter().zip(&results) {
+                if let Err(e) = r {
+                    f.remember(k, now, self.fail_memory_ms, e.msg.clone());
+                }
+            }
+        }
+        let ids = std::mem::take(&mut self.ids);
+        complete(ids.into_iter().zip(results));
+    }
+
+    pub fn fail(self, msg: &str) {
+        let err = Err(FillError::whole(msg));
+        let results = vec![err; self.ids.len()];
+        self.finish(results, false);
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.ids.is_empty() {
+            let ids = std::mem::take(&mut self.ids);
+            let err = Err(FillError::whole(
+                "ERR internal error: the fill was abandoned",
+            ));
+            complete(ids.into_iter().map(|id| (id, err.clone())));
+        }
+    }
+}
+
+fn complete(results: impl Iterator<Item = (u64, FillResult)>) {
+    let mut handed: Vec<(Vec<Waiter>, FillResult)> = Vec::new();
+    {
+        let mut reg = registry();
+        for (id, r) in results {
+            handed.push((reg.complete(id), r));
+        }
+    }
+    // Outside the registry lock: a reply may be large to build.
+    for (waiters, r) in handed {
+        for w in waiters {
+            w.call.deliver(w.slot, &r);
+        }
+    }
+}
+
+/// Queues every job; a refused job fails its fills with the reason.
+pub fn submit(jobs: Vec<Job>) {
+    for job in jobs {
+        if let Err(refused) = pool::submit(job) {
+            let (job, why) = *refused;
+            let msg = match why {
+                Refused::Full(n) => {
+                    STATS.queue_full_errors.incr();
+                    format!("ERR upstream queue is full (aicache.queue-size {n}); try again later")
+                }
+                Refused::Stopped => "ERR aicache worker pool is not running".to_string(),
+            };
+            job.fail(&msg);
+        }
+    }
+}
+
+/// Shutdown: every waiter gets an error now.
+pub fn abandon_all(msg: &str) {
+    let waiters = registry().drain();
+    let err: FillResult = Err(FillError::whole(msg));
+    for w in waiters {
+        w.call.deliver(w.slot, &err);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The whole fill path without Redis: `start` with a recording answer,
+    //! jobs run against a fake upstream and an in-memory store.
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::mpsc::{channel, Receiver};
+
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::fill::call::tests::Recorder;
+    use crate::fill::store::mem::MemStore;
+    use crate::fill::upstream::{Failure, Upstream};
+    use crate::model::reply::{Item, Reply};
+
+    /// Embeddings of `dims` numbers derived from each text; refuses (400,
+    /// naming no input) any request holding a text with "POISON".
+    struct Fake {
+        dims: usize,
+        calls: AtomicU64,
+        short_last: bool,
+    }
+
+    impl Fake {
+        fn new(dims: usize) -> Self {
+            Fake {
+                dims,
+                calls: AtomicU64::new(0),
+                short_last: false,
+            }
+        }
+    }
+
+    fn vector(text: &str, dims: usize) -> Vec<f32> {
+        (0..dims).map(|i| (text.len() * 31 + i) as f32).collect()
+    }
+
+    fn fp32(v: &[f32]) -> Arc<[u8]> {
+        v.iter()
+            .flat_map(|f| f.to_le_bytes())
+            .collect::<Vec<u8>>()
+            .into()
+    }
+
+    impl Upstream for Fake {
+        fn post(&self, _: &str, body: &[u8], _: Instant) -> Result<Vec<u8>, Failure> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let req: Value = serde_json::from_slice(body).unwrap();
+            let inputs: Vec<String> = serde_json::from_value(req["input"].clone()).unwrap();
+            if inputs.iter().any(|t| t.contains("POISON")) {
+                return Err(Failure::Status(
+                    400,
+                    "maximum context length exceeded".into(),
+                ));
+            }
+            let n = inputs.len();
+            let data: Vec<Value> = inputs
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    let mut v = vector(t, self.dims);
+                    if self.short_last && i == n - 1 {
+                        v.pop();
+                    }
+                    json!({"index": i, "embedding": v})
+                })
+                .collect();
+            Ok(json!({"data": data, "usage": {"total_tokens": n}})
+                .to_string()
+                .into_bytes())
+        }
+    }
+
+    fn work(texts: &[&str], store: bool) -> Work {
+        let entries = texts
+            .iter()
+            .map(|t| Entry {
+                key: format!("test:{t}").into_bytes(),
+                input: t.to_string(),
+                tokens: 1,
+                hit: None,
+            })
+            .collect();
+        Work {
+            db: 0,
+            kind: Kind::Embed(Arc::new(EmbedSpec {
+                url: "http://fake/v1/embeddings".into(),
+                model: "m".into(),
+                dims: None,
+                pin_key: Some(b"pins".to_vec()),
+                fixed_dims: 0,
+                max_dims: 64,
+                base64: false,
+            })),
+            entries,
+            shape: Shape::Vectors {
+                order: (0..texts.len()).collect(),
+                json: false,
+            },
+            expiry: store.then_some(Expiry {
+                ttl_secs: 60,
+                jitter_pct: 0,
+            }),
+            tenant: None,
+            timeout_ms: 1000,
+            batch_size: 100,
+            batch_max_tokens: 1000,
+            lease_ms: 60_000,
+            max_fills: 1000,
+            fail_memory_ms: 0,
+        }
+    }
+
+    fn begin(w: Work) -> (Vec<Job>, Receiver<Reply>, Weak<Call>) {
+        let (tx, rx) = channel();
+        let mut call = Weak::new();
+        let jobs = start(w, 0, |c| {
+            call = c;
+            Some(Box::new(Recorder(tx)))
+        })
+        .unwrap();
+        (jobs, rx, call)
+    }
+
+    #[test]
+    fn a_fill_stores_and_answers_every_entry() {
+        let texts = ["pipe-a", "pipe-bb"];
+        let (jobs, rx, _) = begin(work(&texts, true));
+        let (up, store) = (Fake::new(4), MemStore::default());
+        for j in jobs {
+            j.run(&up, &store);
+        }
+        let want: Vec<Item> = texts
+            .iter()
+            .map(|t| Item::Value(fp32(&vector(t, 4))))
+            .collect();
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            Reply::Items {
+                items: want,
+                json: false
+            }
+        );
+        assert_eq!(store.entries.lock().unwrap().len(), 2);
+        assert_eq!(
+            store
+                .pins
+                .lock()
+                .unwrap()
+                .values()
+                .copied()
+                .collect::<Vec<_>>(),
+            vec![4]
+        );
+    }
+
+    #[test]
+    fn identical_concurrent_misses_share_one_fill() {
+        let (jobs, rx1, _) = begin(work(&["share-x"], true));
+        let (more, rx2, _) = begin(work(&["share-x"], true));
+        assert!(more.is_empty(), "the second call must join, not start");
+        let up = Fake::new(2);
+        for j in jobs {
+            j.run(&up, &MemStore::default());
+        }
+        assert_eq!(up.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(rx1.try_recv().unwrap(), rx2.try_recv().unwrap());
+    }
+
+    #[test]
+    fn one_refused_input_fails_alone_and_costs_a_few_requests() {
+        let texts: Vec<String> = (0..8)
+            .map(|i| {
+                if i == 5 {
+                    "iso-POISON".into()
+                } else {
+                    format!("iso-{i}")
+                }
+            })
+            .collect();
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let (jobs, rx, _) = begin(work(&refs, true));
+        let up = Fake::new(2);
+        for j in jobs {
+            j.run(&up, &MemStore::default());
+        }
+        let Reply::Items { items, .. } = rx.try_recv().unwrap() else {
+            panic!("not an array")
+        };
+        for (i, item) in items.iter().enumerate() {
+            match item {
+                Item::Error(e) if i == 5 => assert!(e.contains("HTTP 400"), "{e}"),
+                Item::Value(v) => assert_eq!(*v, fp32(&vector(&texts[i], 2))),
+                other => panic!("entry {i}: {other:?}"),
+            }
+        }
+        // 1 + 2 per halving: 1 + 2 * log2(8).
+        assert!(
+            up.calls.load(Ordering::SeqCst) <= 7,
+            "{}",
+            up.calls.load(Ordering::SeqCst)
+        );
+    }
+
+    #[test]
+    fn a_wrong_size_answer_neither_pins_nor_reaches_nostore_callers() {
+        let store = MemStore::default();
+        store
+            .pins
+            .lock()
+            .unwrap()
+            .insert((0, b"pins".to_vec(), b"m".to_vec()), 4);
+        for keep in [true, false] {
+            let (jobs, rx, _) = begin(work(&[if keep { "pin-s" } else { "pin-n" }], keep));
+            for j in jobs {
+                j.run(&Fake::new(3), &store);
+            }
+            let Reply::Error(e) = rx.try_recv().unwrap() else {
+                panic!("no error")
+            };
+            assert!(e.contains("dimension mismatch"), "{e}");
+        }
+        assert!(store.entries.lock().unwrap().is_empty());
+        // A batch whose last vector is one short is refused whole.
+        let up = Fake {
+            short_last: true,
+            ..Fake::new(4)
+        };
+        let (jobs, rx, _) = begin(work(&["short-a", "short-b"], true));
+        for j in jobs {
+            j.run(&up, &store);
+        }
+        assert!(matches!(rx.try_recv().unwrap(), Reply::Error(e) if e.contains("dimensions")));
+        assert!(store.entries.lock().unwrap().is_empty());
+    }
+
+    /// Issue 8 A1 on the whole path: the deadline fires on one thread while
+    /// the job completes on another; the call answers exactly once.
+    #[test]
+    fn the_deadline_racing_a_fill_gives_exactly_one_reply() {
+        for i in 0..300 {
+            let text = format!("race-{i}");
+            let (jobs, rx, call) = begin(work(&[&text], true));
+            let worker = std::thread::spawn(move || {
+                for j in jobs {
+                    j.run(&Fake::new(2), &MemStore::default());
+                }
+            });
+            if let Some(c) = call.upgrade() {
+                c.expire();
+            }
+            worker.join().unwrap();
+            assert!(rx.try_recv().is_ok(), "no reply");
+            assert!(rx.try_recv().is_err(), "two replies");
+        }
+    }
+
+    #[test]
+    fn a_job_that_outlived_its_lease_in_the_queue_says_so() {
+        let mut w = work(&["late-1"], true);
+        w.lease_ms = 0;
+        let (jobs, rx, _) = begin(w);
+        for j in jobs {
+            j.run(&Fake::new(2), &MemStore::default());
+        }
+        let Reply::Error(e) = rx.try_recv().unwrap() else {
+            panic!()
+        };
+        assert!(e.contains("waited") && e.contains("lease-ms"), "{e}");
+        assert!(!e.contains("after 0 ms"), "{e}");
+    }
+}
