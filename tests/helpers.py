@@ -25,6 +25,8 @@ DEFAULT_CONFIGS = {
     "aicache.cache-sampled": "yes",
     "aicache.max-fills": "65536",
     "aicache.batch-size": "100",
+    "aicache.batch-max-tokens": "200000",
+    "aicache.tenant-source": "arg",
     "aicache.lease-ms": "60000",
     "aicache.wait-timeout-ms": "60000",
     "aicache.fail-memory-ms": "0",
@@ -214,8 +216,15 @@ class Upstream:
     def fault(self, kind, times=1, **kw):
         self._post("/_fault", {"kind": kind, "times": times, **kw})
 
-    def latency(self, ms):
-        self._post("/_latency", {"ms": ms})
+    def latency(self, ms, jitter_ms=0):
+        """Each API call sleeps ms + uniform(0, jitter_ms)."""
+        self._post("/_latency", {"ms": ms, "jitter_ms": jitter_ms})
+
+    def poison(self, marker="POISON", status=400, message=None):
+        """Until reset(), embeddings requests with an input containing marker fail
+        as a whole with status and a message that does not name the input."""
+        self._post("/_poison", {"marker": marker, "status": status,
+                                **({"message": message} if message is not None else {})})
 
     def stop(self):
         stop_process(self.proc)

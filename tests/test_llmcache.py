@@ -104,9 +104,85 @@ def test_size_limits_apply_to_requests_and_responses(r):
 def test_llm_key_matches_the_documented_recipe(r):
     msgs = [{"role": "user", "content": "Redis 是什么? \u0000 tab\t"}]
     req = {"model": "gpt-4o-mini", "messages": msgs, "temperature": 0.25, "stream": True}
-    canon = j({"frequency_penalty": 0, "messages": msgs, "model": "gpt-4o-mini",
-               "n": 1, "presence_penalty": 0, "temperature": 0.25, "top_p": 1},
-              separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
+    # Transport fields dropped, defaults filled in, keys sorted, numbers in
+    # their canonical spelling (0.25 is 25e-2), text kept as UTF-8.
+    canon = ('{"frequency_penalty":0,"messages":'
+             + j(msgs, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+             + ',"model":"gpt-4o-mini","n":1,"presence_penalty":0,"temperature":25e-2,"top_p":1}'
+             ).encode()
+    assert readme_canonical(j(req).encode()) == canon
     enc = b"".join(len(f).to_bytes(8, "big") + f for f in (b"llm:v1", b"chat", canon))
     want = b"aicache:llm:v1:{chat}:" + hashlib.sha256(enc).hexdigest().encode()
     assert r.execute_command("LLMCACHE.KEY", "chat", j(req)) == want
+
+
+# The README's recipe for the canonical request, copied here so a change on
+# either side fails this test.
+def readme_canonical(body: bytes) -> bytes:
+    import json
+    from decimal import Decimal
+
+    class Num(str):
+        pass
+
+    def canon_number(tok):
+        sign, digits, exp = Decimal(tok).as_tuple()
+        ds = "".join(map(str, digits)).lstrip("0")
+        sig = ds.rstrip("0")
+        if not sig:
+            return "0"
+        exp += len(ds) - len(sig)
+        s = "-" if sign else ""
+        if exp >= 0 and len(sig) + exp <= 64:
+            return s + sig + "0" * exp
+        return f"{s}{sig}e{exp}"
+
+    req = json.loads(body, parse_int=Num, parse_float=Num)
+    for f in ("stream", "stream_options", "user", "store", "metadata", "service_tier",
+              "safety_identifier", "prompt_cache_key"):
+        req.pop(f, None)
+    for f, d in (("temperature", "1"), ("top_p", "1"), ("n", "1"),
+                 ("presence_penalty", "0"), ("frequency_penalty", "0")):
+        if req.get(f) is None:
+            req[f] = Num(d)
+
+    def dump(v):
+        if isinstance(v, Num):
+            return canon_number(v)
+        if isinstance(v, dict):
+            return "{" + ",".join(json.dumps(k, ensure_ascii=False) + ":" + dump(v[k])
+                                  for k in sorted(v)) + "}"
+        if isinstance(v, list):
+            return "[" + ",".join(map(dump, v)) + "]"
+        return json.dumps(v, ensure_ascii=False)
+
+    return dump(req).encode()
+
+
+def readme_llm_key(ns: bytes, body: bytes, prefix=b"aicache:") -> bytes:
+    import hashlib
+    enc = b"".join(len(f).to_bytes(8, "big") + f for f in (b"llm:v1", ns, readme_canonical(body)))
+    return prefix + b"llm:v1:{" + ns + b"}:" + hashlib.sha256(enc).hexdigest().encode()
+
+
+NUMBER_CASES = ["0", "-0", "1", "1.0", "1e0", "10E-1", "0.1", "1e-7", "0.0000001", "-12.50",
+                "123.456e3", "1e16", "10000000000000000", "9007199254740993",
+                "12345678901234567890123", "12345678901234567890124", "1e64", "1e65",
+                "1e400", "2.5E+2", "-1e-400"]
+
+
+def test_the_readme_recipe_agrees_with_the_module_on_number_edge_cases(r):
+    keys = {}
+    for n in NUMBER_CASES:
+        body = ('{"model":"m","messages":[{"role":"user","content":"\u4e00\\n"}],'
+                f'"seed":{n},"temperature":{n}}}').encode()
+        got = r.execute_command("LLMCACHE.KEY", "ns", body)
+        assert got == readme_llm_key(b"ns", body), n
+        keys[n] = got
+    # Equal values share a key; values the upstream can tell apart do not.
+    for a, b in (("1", "1.0"), ("1", "10E-1"), ("0", "-0"), ("1e16", "10000000000000000"),
+                 ("1e-7", "0.0000001")):
+        assert keys[a] == keys[b], (a, b)
+    assert keys["12345678901234567890123"] != keys["12345678901234567890124"]
+    assert keys["9007199254740993"] != keys["1e16"]
+    assert len({keys[n] for n in ("0.1", "1e-7", "1", "1e64", "1e65", "1e400")}) == 6

@@ -84,6 +84,15 @@ pub struct FetchOptions {
 /// Longest TIMEOUT a call may ask for: one day.
 const MAX_WAIT_MS: u64 = 86_400_000;
 
+/// A plain decimal integer, as Redis reads one: digits only (no sign, no
+/// spaces), at most 20 of them.
+pub fn parse_u64(arg: &[u8]) -> Option<u64> {
+    if arg.is_empty() || arg.len() > 20 || !arg.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(arg).ok()?.parse().ok()
+}
+
 /// An integer argument in `min..=max`, or an error naming it and the range.
 pub fn number(
     arg: Option<&RedisString>,
@@ -93,10 +102,7 @@ pub fn number(
 ) -> Result<u64, RedisError> {
     let bad = || error(format!("ERR {what} must be an integer from {min} to {max}"));
     let arg = arg.ok_or_else(bad)?;
-    let n: u64 = std::str::from_utf8(arg.as_slice())
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(bad)?;
+    let n = parse_u64(arg.as_slice()).ok_or_else(bad)?;
     if n < min || n > max {
         return Err(bad());
     }

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
 use crate::commands::args::{
-    check_len, ex_option, expire_at, fetch_options, is_word, namespace, tenant, unknown_option,
+    check_len, ex_option, expire_at, fetch_options, is_word, namespace, parse_u64, tenant,
+    unknown_option,
 };
 use crate::config::Settings;
 use crate::fill::call::Shape;
@@ -252,9 +253,8 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     if args.len() < 5 {
         return Err(RedisError::WrongArity);
     }
-    let n = std::str::from_utf8(args[3].as_slice())
-        .ok()
-        .and_then(|s| s.parse::<usize>().ok())
+    let n = parse_u64(args[3].as_slice())
+        .and_then(|n| usize::try_from(n).ok())
         .filter(|&n| n >= 1)
         .ok_or_else(|| error("ERR numtexts must be a positive integer"))?;
     if n > args.len() - 4 {

@@ -144,9 +144,12 @@ fn max_output_tokens(body: &[u8]) -> u64 {
     serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| {
-            v.get("max_completion_tokens")
-                .or_else(|| v.get("max_tokens"))
-                .and_then(serde_json::Value::as_u64)
+            let n = v
+                .get("max_completion_tokens")
+                .or_else(|| v.get("max_tokens"))?;
+            // 1e30 is no u64, and must not estimate as zero.
+            n.as_u64()
+                .or_else(|| n.as_f64().map(|f| f.clamp(0.0, 9e15) as u64))
         })
         .unwrap_or(0)
         .min(1 << 53)

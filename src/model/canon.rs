@@ -41,26 +41,79 @@ fn bad(msg: &str) -> String {
     format!("ERR request {msg}")
 }
 
-/// Rewrites every integral float as an integer so `1.0` and `1` agree.
-fn normalize_numbers(v: &mut Value) {
+/// The one spelling of a JSON number's exact decimal value: `1`, `1.0`,
+/// `1e0` and `10E-1` agree; `12345678901234567890123` and `...124` do not
+/// (no rounding through a float). Integers of up to 64 digits are written
+/// out, every other value as `<digits>e<exponent>` with no leading or
+/// trailing zeros in the digits; zero (and -0) is `0`.
+pub fn canonical_number(token: &str) -> Option<String> {
+    let (neg, rest) = match token.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, token),
+    };
+    let (mantissa, exp) = match rest.find(['e', 'E']) {
+        Some(i) => (&rest[..i], rest[i + 1..].parse::<i64>().ok()?),
+        None => (rest, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if int.is_empty() || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let all = format!("{int}{frac}");
+    let digits = all.trim_start_matches('0');
+    let significant = digits.trim_end_matches('0');
+    if significant.is_empty() {
+        return Some("0".into());
+    }
+    let exp = exp
+        .checked_sub(frac.len() as i64)?
+        .checked_add((digits.len() - significant.len()) as i64)?;
+    let sign = if neg { "-" } else { "" };
+    if exp >= 0 && significant.len() as i64 + exp <= 64 {
+        return Some(format!("{sign}{significant}{}", "0".repeat(exp as usize)));
+    }
+    Some(format!("{sign}{significant}e{exp}"))
+}
+
+/// Compact JSON with sorted keys (serde_json's map is a BTreeMap) and
+/// every number in its canonical spelling.
+fn write_canonical(v: &Value, out: &mut Vec<u8>) -> Result<(), String> {
     match v {
         Value::Number(n) => {
-            if let Some(f) = n.as_f64() {
-                if n.is_f64() && f.fract() == 0.0 && f.abs() < 9.0e15 {
-                    *n = Number::from(f as i64);
-                }
-            }
+            let c = canonical_number(&n.to_string()).ok_or_else(|| bad("holds a bad number"))?;
+            out.extend_from_slice(c.as_bytes());
         }
-        Value::Array(a) => a.iter_mut().for_each(normalize_numbers),
-        Value::Object(o) => o.values_mut().for_each(normalize_numbers),
-        _ => {}
+        Value::Array(a) => {
+            out.push(b'[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(x, out)?;
+            }
+            out.push(b']');
+        }
+        Value::Object(o) => {
+            out.push(b'{');
+            for (i, (k, x)) in o.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                serde_json::to_writer(&mut *out, k).map_err(|_| bad("cannot be serialised"))?;
+                out.push(b':');
+                write_canonical(x, out)?;
+            }
+            out.push(b'}');
+        }
+        other => {
+            serde_json::to_writer(&mut *out, other).map_err(|_| bad("cannot be serialised"))?
+        }
     }
+    Ok(())
 }
 
 fn number(f: f64) -> Value {
-    let mut v = Number::from_f64(f).map_or(Value::Null, Value::Number);
-    normalize_numbers(&mut v);
-    v
+    Number::from_f64(f).map_or(Value::Null, Value::Number)
 }
 
 /// Parses and canonicalises a request body.
@@ -99,10 +152,8 @@ pub fn canonical_request(body: &[u8]) -> Result<Canonical, String> {
         .get("temperature")
         .and_then(Value::as_f64)
         .unwrap_or(1.0);
-    let mut value = Value::Object(obj);
-    normalize_numbers(&mut value);
-    // serde_json's default map is a BTreeMap: serialisation is key-sorted.
-    let bytes = serde_json::to_vec(&value).map_err(|_| bad("cannot be serialised"))?;
+    let mut bytes = Vec::with_capacity(body.len() + 64);
+    write_canonical(&Value::Object(obj), &mut bytes)?;
     Ok(Canonical { bytes, temperature })
 }
 
@@ -239,6 +290,44 @@ mod tests {
         }
         let other_model = BASE.replace("gpt-4o-mini", "gpt-4o");
         assert!(!seen.contains(&canon(&other_model)));
+    }
+
+    #[test]
+    fn numbers_have_one_spelling_per_exact_value() {
+        let same = [
+            ("1", "1"),
+            ("1.0", "1"),
+            ("1e0", "1"),
+            ("10E-1", "1"),
+            ("-0", "0"),
+            ("-0.0e5", "0"),
+            ("1e16", "10000000000000000"),
+            ("10000000000000000", "10000000000000000"),
+            ("1e-7", "1e-7"),
+            ("0.0000001", "1e-7"),
+            ("0.5", "5e-1"),
+            ("-12.50", "-125e-1"),
+            ("123.456e3", "123456"),
+            ("1e64", "1e64"),
+            ("12345678901234567890123", "12345678901234567890123"),
+        ];
+        for (token, want) in same {
+            assert_eq!(canonical_number(token).as_deref(), Some(want), "{token}");
+        }
+        assert_ne!(
+            canonical_number("12345678901234567890123"),
+            canonical_number("12345678901234567890124")
+        );
+    }
+
+    #[test]
+    fn big_seeds_get_their_own_key() {
+        let a = canon(&BASE.replace("}]}", r#"}],"seed":12345678901234567890123}"#));
+        let b = canon(&BASE.replace("}]}", r#"}],"seed":12345678901234567890124}"#));
+        assert_ne!(a, b);
+        let c = canon(&BASE.replace("}]}", r#"}],"seed":1e16}"#));
+        let d = canon(&BASE.replace("}]}", r#"}],"seed":10000000000000000}"#));
+        assert_eq!(c, d);
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub enum VectorError {
     BadJson { column: usize },
     NotFinite { index: usize },
     TooManyDims { dims: usize, max: usize },
+    JsonTooLong { max: usize },
 }
 
 impl VectorError {
@@ -23,6 +24,10 @@ impl VectorError {
             }
             VectorError::NotFinite { index } => {
                 format!("ERR vector element {index} is NaN, infinite or outside the float32 range")
+            }
+            VectorError::JsonTooLong { max } => {
+                // A JSON array is read no further than one past the limit.
+                format!("ERR vector has more than max-dims {max} dimensions")
             }
             VectorError::TooManyDims { dims, max } => {
                 format!("ERR vector has {dims} dimensions, more than max-dims {max}")
@@ -70,25 +75,64 @@ pub fn parse_vector(arg: &[u8], max_dims: usize) -> Result<Vec<u8>, VectorError>
     Ok(arg.to_vec())
 }
 
+/// Streams the array into FP32 bytes and stops at element `max_dims + 1`:
+/// memory stays within the limit whatever the argument's size.
 fn parse_json(arg: &[u8], max_dims: usize) -> Result<Vec<u8>, VectorError> {
-    let values: Vec<f64> =
-        serde_json::from_slice(arg).map_err(|e| VectorError::BadJson { column: e.column() })?;
-    if values.is_empty() {
-        return Err(VectorError::Empty);
+    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
+
+    struct Floats {
+        max_dims: usize,
     }
-    if values.len() > max_dims {
-        return Err(VectorError::TooManyDims {
-            dims: values.len(),
-            max: max_dims,
-        });
+
+    /// Why the visitor stopped early; serde's error only carries text.
+    const TOO_MANY: &str = "aicache: too many dimensions";
+    const NOT_FINITE: &str = "aicache: not finite";
+
+    impl<'de> Visitor<'de> for Floats {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an array of numbers")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(self.max_dims) * 4);
+            while let Some(v) = seq.next_element::<f64>()? {
+                if out.len() / 4 == self.max_dims {
+                    return Err(A::Error::custom(TOO_MANY));
+                }
+                let f = v as f32;
+                if !f.is_finite() {
+                    return Err(A::Error::custom(format!("{NOT_FINITE} {}", out.len() / 4)));
+                }
+                out.extend_from_slice(&f.to_le_bytes());
+            }
+            Ok(out)
+        }
     }
-    let mut out = Vec::with_capacity(values.len() * 4);
-    for (index, v) in values.into_iter().enumerate() {
-        let f = v as f32;
-        if !f.is_finite() {
+
+    let mut de = serde_json::Deserializer::from_slice(arg);
+    let parsed = de
+        .deserialize_seq(Floats { max_dims })
+        .and_then(|v| de.end().map(|()| v));
+    let out = match parsed {
+        Ok(v) => v,
+        Err(e) if e.to_string().starts_with(TOO_MANY) => {
+            return Err(VectorError::JsonTooLong { max: max_dims })
+        }
+        Err(e) if e.to_string().starts_with(NOT_FINITE) => {
+            let msg = e.to_string();
+            let index = msg[NOT_FINITE.len()..]
+                .split_whitespace()
+                .next()
+                .and_then(|i| i.parse().ok())
+                .unwrap_or(0);
             return Err(VectorError::NotFinite { index });
         }
-        out.extend_from_slice(&f.to_le_bytes());
+        Err(e) => return Err(VectorError::BadJson { column: e.column() }),
+    };
+    if out.is_empty() {
+        return Err(VectorError::Empty);
     }
     Ok(out)
 }
@@ -175,8 +219,21 @@ mod tests {
         let v = fp32(&[1.0; 5]);
         let e = VectorError::TooManyDims { dims: 5, max: 4 };
         assert_eq!(parse_vector(&v, 4).unwrap_err(), e);
+        let e = VectorError::JsonTooLong { max: 4 };
         assert_eq!(parse_vector(b"[1,1,1,1,1]", 4).unwrap_err(), e);
         assert!(parse_vector(&v, 5).is_ok());
+        assert_eq!(parse_vector(b"[1,1,1,1]", 4).unwrap(), fp32(&[1.0; 4]));
+    }
+
+    #[test]
+    fn it_stops_reading_a_huge_json_array_at_max_dims() {
+        // 20 MB of "0," would be 80 MB as f64 if parsed whole first.
+        let mut huge = b"[".to_vec();
+        huge.extend(std::iter::repeat_n(&b"0,"[..], 10_000_000).flatten());
+        huge.extend_from_slice(b"0]");
+        let e = parse_vector(&huge, 8192).unwrap_err();
+        assert_eq!(e, VectorError::JsonTooLong { max: 8192 });
+        assert!(e.message().contains("max-dims 8192"));
     }
 
     #[test]
