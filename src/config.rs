@@ -181,6 +181,10 @@ fn check_base_url(s: &str) -> Result<(), String> {
     if authority.is_empty() {
         return Err("upstream URL has no host".into());
     }
+    // Credentials in the URL would show in CONFIG GET.
+    if authority.contains('@') {
+        return Err("upstream URL must not carry credentials; use aicache.api-key-env".into());
+    }
     // The port, if any, follows the last ':' outside an IPv6 literal.
     let host_end = authority.rfind(']').map_or(0, |i| i + 1);
     if let Some((_, port)) = authority[host_end..].rsplit_once(':') {
@@ -189,10 +193,6 @@ fn check_base_url(s: &str) -> Result<(), String> {
                 "upstream URL port must be 1 to 65535, not '{port}'"
             ));
         }
-    }
-    // Credentials in the URL would show in CONFIG GET.
-    if authority.contains('@') {
-        return Err("upstream URL must not carry credentials; use aicache.api-key-env".into());
     }
     if s.len() > 2048 {
         return Err("upstream URL is longer than 2048 bytes".into());
@@ -336,4 +336,106 @@ pub fn embeddings_url() -> String {
 
 pub fn chat_url() -> String {
     endpoint(&CHAT_URL, "chat/completions")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_urls_are_checked() {
+        for ok in [
+            "https://api.openai.com/v1",
+            "http://127.0.0.1:8089/v1",
+            "http://[::1]:65535/v1",
+            "http://host:1",
+        ] {
+            assert!(check_base_url(ok).is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            ("ftp://x/v1", "must start with http"),
+            ("http:///v1", "no host"),
+            ("https://user:pw@host/v1", "credentials"),
+            ("http://127.0.0.1:65536/v1", "port must be 1 to 65535"),
+            ("http://127.0.0.1:0/v1", "port must be"),
+            ("http://host:http/v1", "port must be"),
+            ("http://[::1]:99999/v1", "port must be"),
+        ] {
+            let e = check_base_url(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        assert!(check_optional_url("").is_ok());
+        assert!(check_optional_url("http://h:70000").is_err());
+    }
+
+    #[test]
+    fn the_key_variable_must_look_like_a_key() {
+        for ok in [
+            "OPENAI_API_KEY",
+            "AZURE_OPENAI_KEY",
+            "MY_SERVICE_TOKEN",
+            "K2_KEY",
+        ] {
+            assert!(check_env_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "HOME",
+            "PATH",
+            "openai_api_key",
+            "_KEY",
+            "AWS_SECRET_ACCESS",
+            "A-B_KEY",
+            "",
+        ] {
+            assert!(check_env_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_key_file_must_be_a_private_regular_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("aicache-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("key");
+        std::fs::write(&file, "sk-test\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let path = file.to_str().unwrap();
+        assert!(check_key_file(path).is_ok());
+        assert!(check_key_file("").is_ok(), "no file configured");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(check_key_file(path)
+            .unwrap_err()
+            .contains("writable by everyone"));
+        std::fs::write(&file, vec![b'k'; 5000]).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(check_key_file(path)
+            .unwrap_err()
+            .contains("1 to 4096 bytes"));
+        assert!(check_key_file(dir.to_str().unwrap())
+            .unwrap_err()
+            .contains("not a regular file"));
+        assert!(check_key_file("/no/such/file")
+            .unwrap_err()
+            .contains("cannot be read"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tenant_sources_are_a_closed_list() {
+        for ok in ["arg", "user", "namespace"] {
+            assert!(check_tenant_source(ok).is_ok());
+        }
+        assert!(check_tenant_source("USER").is_err());
+    }
+
+    #[test]
+    fn settings_read_the_defaults() {
+        let s = Settings::snapshot();
+        assert_eq!(s.prefix, DEFAULT_KEY_PREFIX);
+        assert_eq!(s.tenant_source, "arg");
+        assert_eq!(s.expiry(None).ttl_secs, 86_400);
+        assert_eq!(s.expiry(Some(5)).ttl_secs, 5);
+        assert_eq!(embeddings_url(), "https://api.openai.com/v1/embeddings");
+        assert_eq!(chat_url(), "https://api.openai.com/v1/chat/completions");
+    }
 }

@@ -134,15 +134,19 @@ def worker_threads(pid):
                 names.append(fh.read().strip())
         except OSError:
             pass
-    return [n for n in names if n.startswith("aicache-w")]
+    return [n for n in names if n.startswith("aicache-")]
 
 
 def test_module_unload_waits_for_blocked_clients_then_joins_the_pool(upstream):
-    s = Server(module_args=["upstream-url", upstream.url, "workers", 3],
+    # A host name, so lookups go through the resolver threads, which
+    # unload must join as well.
+    url = upstream.url.replace("127.0.0.1", "localhost")
+    s = Server(module_args=["upstream-url", url, "workers", 3],
                extra=["--enable-module-command", "yes"])
     try:
         c = s.client()
-        assert len(worker_threads(s.proc.pid)) == 3
+        assert sorted(worker_threads(s.proc.pid)) == ["aicache-dns0", "aicache-dns1", "aicache-w0",
+                                                      "aicache-w1", "aicache-w2"]
         upstream.reset()
         upstream.latency(500)
         got = []

@@ -1,6 +1,8 @@
 //! Helpers shared by the command families: argument words, namespaces and
 //! write expiry.
 
+use std::ops::Deref;
+
 use redis_module::{Context, RedisError, RedisString};
 
 use crate::config::Settings;
@@ -40,14 +42,14 @@ pub fn tenant(
     }
 }
 
-pub fn is_word(arg: &RedisString, word: &str) -> bool {
-    arg.as_slice().eq_ignore_ascii_case(word.as_bytes())
+pub fn is_word(arg: &[u8], word: &str) -> bool {
+    arg.eq_ignore_ascii_case(word.as_bytes())
 }
 
-pub fn unknown_option(arg: &RedisString, expected: &str) -> RedisError {
+pub fn unknown_option(arg: &[u8], expected: &str) -> RedisError {
     error(format!(
         "ERR unknown option '{}'; expected {expected}",
-        describe(arg.as_slice())
+        describe(arg)
     ))
 }
 
@@ -94,15 +96,10 @@ pub fn parse_u64(arg: &[u8]) -> Option<u64> {
 }
 
 /// An integer argument in `min..=max`, or an error naming it and the range.
-pub fn number(
-    arg: Option<&RedisString>,
-    what: &str,
-    min: u64,
-    max: u64,
-) -> Result<u64, RedisError> {
+pub fn number(arg: Option<&[u8]>, what: &str, min: u64, max: u64) -> Result<u64, RedisError> {
     let bad = || error(format!("ERR {what} must be an integer from {min} to {max}"));
     let arg = arg.ok_or_else(bad)?;
-    let n = parse_u64(arg.as_slice()).ok_or_else(bad)?;
+    let n = parse_u64(arg).ok_or_else(bad)?;
     if n < min || n > max {
         return Err(bad());
     }
@@ -111,11 +108,12 @@ pub fn number(
 
 /// Parses `[TIMEOUT ms] [REFRESH] [NOSTORE] [EX seconds]`, plus
 /// `[DIMENSIONS d] [FORMAT FP32|JSON]` when `vectors` is set.
-pub fn fetch_options(
-    args: &[RedisString],
+pub fn fetch_options<A: Deref<Target = [u8]>>(
+    args: &[A],
     vectors: bool,
     max_dims: usize,
 ) -> Result<FetchOptions, RedisError> {
+    let at = |i: usize| args.get(i).map(|a| &**a);
     let mut o = FetchOptions::default();
     let expected = if vectors {
         "TIMEOUT, REFRESH, NOSTORE, EX, TENANT, DIMENSIONS or FORMAT"
@@ -124,31 +122,31 @@ pub fn fetch_options(
     };
     let mut i = 0;
     while i < args.len() {
-        let a = &args[i];
+        let a: &[u8] = &args[i];
         if is_word(a, "REFRESH") {
             o.refresh = true;
         } else if is_word(a, "NOSTORE") {
             o.nostore = true;
         } else if is_word(a, "TIMEOUT") {
             i += 1;
-            o.timeout_ms = Some(number(args.get(i), "TIMEOUT", 1, MAX_WAIT_MS)?);
+            o.timeout_ms = Some(number(at(i), "TIMEOUT", 1, MAX_WAIT_MS)?);
         } else if is_word(a, "EX") {
             i += 1;
-            let v = args.get(i).ok_or_else(|| error("ERR EX needs a value"))?;
-            o.ex = Some(parse_ex(v.as_slice()).map_err(error)?);
+            let v = at(i).ok_or_else(|| error("ERR EX needs a value"))?;
+            o.ex = Some(parse_ex(v).map_err(error)?);
         } else if is_word(a, "TENANT") {
             i += 1;
-            let t = args.get(i).map(|t| t.as_slice()).unwrap_or_default();
+            let t = at(i).unwrap_or_default();
             if t.is_empty() || t.len() > 256 {
                 return Err(error("ERR TENANT must be 1 to 256 bytes"));
             }
             o.tenant = Some(t.to_vec());
         } else if vectors && is_word(a, "DIMENSIONS") {
             i += 1;
-            o.dims = Some(number(args.get(i), "DIMENSIONS", 1, max_dims as u64)? as u32);
+            o.dims = Some(number(at(i), "DIMENSIONS", 1, max_dims as u64)? as u32);
         } else if vectors && is_word(a, "FORMAT") {
             i += 1;
-            o.json = match args.get(i) {
+            o.json = match at(i) {
                 Some(f) if is_word(f, "JSON") => true,
                 Some(f) if is_word(f, "FP32") => false,
                 _ => return Err(error("ERR FORMAT must be FP32 or JSON")),
@@ -169,4 +167,92 @@ pub fn check_len(what: &str, len: usize, limit: usize, limit_name: &str) -> Resu
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(words: &[&str], vectors: bool) -> Result<FetchOptions, String> {
+        let args: Vec<&[u8]> = words.iter().map(|w| w.as_bytes()).collect();
+        fetch_options(&args, vectors, 8192).map_err(|e| match e {
+            RedisError::String(s) => s,
+            other => format!("{other:?}"),
+        })
+    }
+
+    #[test]
+    fn it_reads_every_fetch_option_in_any_case_and_order() {
+        let o = opts(
+            &[
+                "timeout",
+                "250",
+                "REFRESH",
+                "nostore",
+                "Ex",
+                "60",
+                "TENANT",
+                "t1",
+                "DIMENSIONS",
+                "256",
+                "format",
+                "json",
+            ],
+            true,
+        )
+        .unwrap();
+        assert_eq!(o.timeout_ms, Some(250));
+        assert!(o.refresh && o.nostore && o.json);
+        assert_eq!((o.ex, o.dims), (Some(60), Some(256)));
+        assert_eq!(o.tenant.as_deref(), Some(&b"t1"[..]));
+        let none = opts(&[], true).unwrap();
+        assert!(none.timeout_ms.is_none() && !none.refresh && !none.json && none.tenant.is_none());
+    }
+
+    #[test]
+    fn it_refuses_bad_options_with_a_reason() {
+        let table: &[(&[&str], bool, &str)] = &[
+            (
+                &["TIMEOUT"],
+                true,
+                "TIMEOUT must be an integer from 1 to 86400000",
+            ),
+            (&["TIMEOUT", "0"], true, "TIMEOUT must be an integer"),
+            (&["TIMEOUT", "+5"], true, "TIMEOUT must be an integer"),
+            (&["TIMEOUT", "5 "], true, "TIMEOUT must be an integer"),
+            (&["TIMEOUT", "86400001"], true, "TIMEOUT must be an integer"),
+            (&["EX"], true, "EX needs a value"),
+            (&["EX", "0"], true, "EX must be a positive integer"),
+            (&["TENANT", ""], true, "TENANT must be 1 to 256 bytes"),
+            (
+                &["DIMENSIONS", "8193"],
+                true,
+                "DIMENSIONS must be an integer from 1 to 8192",
+            ),
+            (&["FORMAT", "XML"], true, "FORMAT must be FP32 or JSON"),
+            (&["DIMENSIONS", "8"], false, "unknown option 'DIMENSIONS'"),
+            (&["bogus\u{0}"], true, "unknown option 'bogus"),
+        ];
+        for (words, vectors, want) in table {
+            let err = opts(words, *vectors).err().unwrap_or_default();
+            assert!(err.contains(want), "{words:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn integers_are_plain_digits() {
+        assert_eq!(parse_u64(b"0"), Some(0));
+        assert_eq!(parse_u64(b"18446744073709551615"), Some(u64::MAX));
+        for bad in [
+            &b""[..],
+            b"+1",
+            b"-1",
+            b" 1",
+            b"1.0",
+            b"18446744073709551616",
+            b"0x10",
+        ] {
+            assert_eq!(parse_u64(bad), None, "{bad:?}");
+        }
+    }
 }

@@ -7,5 +7,6 @@ pub mod job;
 pub mod pins;
 pub mod pipeline;
 pub mod pool;
+pub mod resolve;
 pub mod store;
 pub mod upstream;

@@ -19,6 +19,7 @@ use crate::fill::upstream::Http;
 struct Pool {
     tx: Sender<Job>,
     threads: Vec<JoinHandle<()>>,
+    resolvers: Vec<JoinHandle<()>>,
 }
 
 static POOL: Mutex<Option<Pool>> = Mutex::new(None);
@@ -31,21 +32,23 @@ fn pool() -> std::sync::MutexGuard<'static, Option<Pool>> {
 
 pub fn start(workers: usize, queue: usize) -> Result<(), String> {
     let (tx, rx) = bounded::<Job>(queue);
-    let agent = crate::fill::upstream::agent(workers);
+    let (resolver, resolvers) = crate::fill::resolve::start()?;
+    let agent = crate::fill::upstream::agent(workers, resolver);
     let mut threads = Vec::with_capacity(workers);
     for i in 0..workers {
         let rx: Receiver<Job> = rx.clone();
-        let agent = agent.clone();
+        let worker_agent = agent.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("aicache-w{i}"))
-            .spawn(move || work(rx, agent));
+            .spawn(move || work(rx, worker_agent));
         match spawned {
             Ok(t) => threads.push(t),
             Err(e) => {
                 // The load fails and the library is unmapped: no thread may
                 // still be running its code.
                 drop(tx);
-                for t in threads {
+                drop(agent);
+                for t in threads.into_iter().chain(resolvers) {
                     let _ = t.join();
                 }
                 return Err(format!("cannot start worker thread: {e}"));
@@ -53,7 +56,11 @@ pub fn start(workers: usize, queue: usize) -> Result<(), String> {
         }
     }
     STOPPING.store(false, Ordering::Relaxed);
-    *pool() = Some(Pool { tx, threads });
+    *pool() = Some(Pool {
+        tx,
+        threads,
+        resolvers,
+    });
     Ok(())
 }
 
@@ -109,7 +116,9 @@ pub fn stop() {
     STOPPING.store(true, Ordering::Relaxed);
     let Some(p) = pool().take() else { return };
     drop(p.tx);
-    for t in p.threads {
+    // Workers first: their agents hold the resolver's queue, and the
+    // resolver threads end once the last of them is gone.
+    for t in p.threads.into_iter().chain(p.resolvers) {
         let _ = t.join();
     }
 }

@@ -7,14 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use ureq::http::Uri;
-use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
-use ureq::unversioned::transport::time::Duration as TimeoutDuration;
-use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
+use ureq::unversioned::transport::DefaultConnector;
 use ureq::Agent;
 
 use crate::config::{self, Bounded};
 use crate::fill::apikey;
+use crate::fill::resolve::BoundedResolver;
 use crate::model::errors::sanitize;
 use crate::model::retry::{parse_retry_after, Outcome, Policy};
 use crate::stats::STATS;
@@ -139,30 +137,8 @@ impl Failure {
     }
 }
 
-/// ureq's resolver runs a lookup that has a deadline on a detached thread,
-/// which could still be inside getaddrinfo after MODULE UNLOAD unmaps the
-/// module. This one resolves on the worker itself, so every thread running
-/// module code is a worker that unload joins.
-#[derive(Debug, Default)]
-struct InlineResolver(DefaultResolver);
-
-impl Resolver for InlineResolver {
-    fn resolve(
-        &self,
-        uri: &Uri,
-        config: &ureq::config::Config,
-        timeout: NextTimeout,
-    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
-        let inline = NextTimeout {
-            after: TimeoutDuration::NotHappening,
-            ..timeout
-        };
-        self.0.resolve(uri, config, inline)
-    }
-}
-
 /// The shared agent: connections are kept alive and reused by every worker.
-pub fn agent(workers: usize) -> Agent {
+pub fn agent(workers: usize, resolver: BoundedResolver) -> Agent {
     let config = Agent::config_builder()
         .http_status_as_error(false)
         .max_redirects(0)
@@ -170,7 +146,7 @@ pub fn agent(workers: usize) -> Agent {
         .max_idle_connections_per_host(workers)
         .user_agent("aicache/0.1")
         .build();
-    Agent::with_parts(config, DefaultConnector::new(), InlineResolver::default())
+    Agent::with_parts(config, DefaultConnector::new(), resolver)
 }
 
 fn ms(b: &Bounded) -> Duration {
