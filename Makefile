@@ -7,7 +7,7 @@ MODULE := target/release/libaicache.so
 APT_PKGS := redis-server redis-tools libclang-dev
 PY_PKGS := redis hiredis pytest numpy
 
-.PHONY: help deps sysdeps pydeps build run test unit integration bench lint clean
+.PHONY: help deps sysdeps pydeps build run test unit integration bench fuzz lint clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -62,6 +62,11 @@ test: unit integration ## Unit tests, then the integration suite
 
 bench: build pydeps ## Run the benchmarks and write bench/RESULTS.md
 	$(PY) bench/run.py | tee bench/RESULTS.md.tmp && mv bench/RESULTS.md.tmp bench/RESULTS.md
+
+FUZZ_SECONDS ?= 300
+FUZZ_SEED ?=
+fuzz: build pydeps ## Random-argument fuzzing against a real server (FUZZ_SECONDS, FUZZ_SEED)
+	$(PY) bench/fuzz.py --seconds $(FUZZ_SECONDS) $(if $(FUZZ_SEED),--seed $(FUZZ_SEED))
 
 lint: sysdeps ## cargo fmt --check and clippy -D warnings
 	cargo fmt --check
