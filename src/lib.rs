@@ -91,7 +91,7 @@ fn info(ctx: &InfoContext, for_crash_report: bool) -> RedisResult<()> {
 }
 
 fn info_section(ctx: &InfoContext, for_crash_report: bool) -> RedisResult<()> {
-    commands::debug::maybe_panic(commands::debug::Site::Info);
+    redis::guard::maybe_panic(redis::guard::Site::Info);
     let mut section = ctx.builder().add_section("fills");
     for (name, value) in stats::STATS.fields() {
         section = section.field(name, value)?;

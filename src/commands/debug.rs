@@ -2,35 +2,11 @@
 //! with `enable-debug-command` (the same gate as Redis's own DEBUG, which
 //! can crash the server outright).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use redis_module::{CallReply, Context, RedisError, RedisResult, RedisString, RedisValue};
 
 use crate::commands::args::{is_word, unknown_option};
 use crate::redis::ffi::{self, error};
-
-#[derive(Debug, Clone, Copy)]
-pub enum Site {
-    Info,
-    Worker,
-}
-
-static INFO: AtomicBool = AtomicBool::new(false);
-static WORKER: AtomicBool = AtomicBool::new(false);
-
-fn flag(site: Site) -> &'static AtomicBool {
-    match site {
-        Site::Info => &INFO,
-        Site::Worker => &WORKER,
-    }
-}
-
-/// Panics once at `site` if a test armed it.
-pub fn maybe_panic(site: Site) {
-    if flag(site).swap(false, Ordering::Relaxed) {
-        panic!("aicache: injected panic at {site:?}");
-    }
-}
+use crate::redis::guard::{arm, Site};
 
 fn debug_allowed(ctx: &Context) -> bool {
     let value = ffi::call(
@@ -68,9 +44,9 @@ pub fn debug(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     if is_word(site, "COMMAND") {
         panic!("aicache: injected panic in a command handler");
     } else if is_word(site, "INFO") {
-        INFO.store(true, Ordering::Relaxed);
+        arm(Site::Info);
     } else if is_word(site, "WORKER") {
-        WORKER.store(true, Ordering::Relaxed);
+        arm(Site::Worker);
     } else {
         return Err(unknown_option(site, "COMMAND, INFO or WORKER"));
     }

@@ -10,3 +10,6 @@ pub mod pool;
 pub mod resolve;
 pub mod store;
 pub mod upstream;
+
+#[cfg(test)]
+mod tests;

@@ -71,7 +71,7 @@ fn work(rx: Receiver<Job>, agent: Agent) {
     };
     while let Ok(job) = rx.recv() {
         if catch_unwind(AssertUnwindSafe(|| {
-            crate::commands::debug::maybe_panic(crate::commands::debug::Site::Worker);
+            crate::redis::guard::maybe_panic(crate::redis::guard::Site::Worker);
             job.run(&up, &RedisStore)
         }))
         .is_err()

@@ -5,6 +5,7 @@
 
 use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use redis_module::{Context, RedisResult, RedisString, RedisValue};
 
@@ -36,5 +37,33 @@ pub fn guard(name: &str, ctx: &Context, args: Vec<RedisString>, f: Handler) -> R
                 "ERR internal error in {name}: the command was aborted (aicache_handler_panics)"
             )))
         }
+    }
+}
+
+/// Places AICACHE.DEBUG can make panic once, to prove the boundary holds.
+#[derive(Debug, Clone, Copy)]
+pub enum Site {
+    Info,
+    Worker,
+}
+
+static INFO: AtomicBool = AtomicBool::new(false);
+static WORKER: AtomicBool = AtomicBool::new(false);
+
+fn flag(site: Site) -> &'static AtomicBool {
+    match site {
+        Site::Info => &INFO,
+        Site::Worker => &WORKER,
+    }
+}
+
+pub fn arm(site: Site) {
+    flag(site).store(true, Ordering::Relaxed);
+}
+
+/// Panics once at `site` if a test armed it.
+pub fn maybe_panic(site: Site) {
+    if flag(site).swap(false, Ordering::Relaxed) {
+        panic!("aicache: injected panic at {site:?}");
     }
 }
