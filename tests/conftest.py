@@ -9,11 +9,20 @@ def reset_configs(c):
     c.execute_command("CONFIG", "SET", *args)
 
 
+def assert_no_panics(s):
+    """A panic is caught and answered, so only the counters show it: no
+    shared server may have had one (injected panics use their own)."""
+    info = info_fields(s.client())
+    assert (info["handler_panics"], info["worker_panics"]) == (0, 0), "a command or worker panicked"
+
+
 @pytest.fixture(scope="module")
 def server():
     s = Server()
     yield s
     alive = s.proc.poll() is None
+    if alive:
+        assert_no_panics(s)
     s.stop()
     assert alive, "redis-server died during the module's tests"
 
@@ -53,6 +62,8 @@ def fserver(upstream):
     s = Server(module_args=["upstream-url", upstream.url], env={"OPENAI_API_KEY": API_KEY})
     yield s
     alive = s.proc.poll() is None
+    if alive:
+        assert_no_panics(s)
     s.stop()
     assert alive, "redis-server died during the fill tests"
 

@@ -5,10 +5,14 @@ POST /v1/embeddings        deterministic vectors: derived from (model, text),
                            or the request's `dimensions`
 POST /v1/chat/completions  a deterministic answer derived from the request
 POST /_fault               JSON: {"kind": ..., "times": n, ...} (see FAULTS)
-POST /_latency             JSON: {"ms": n}
-POST /_reset               clears faults, latency and counters
+POST /_latency             JSON: {"ms": n, "jitter_ms": j}: each API call sleeps
+                           n + uniform(0, j) ms
+POST /_poison              JSON: {"marker": "POISON", "status": 400, "message": "..."}:
+                           until /_reset, an embeddings request with any input
+                           containing the marker fails as a whole with that status
+POST /_reset               clears faults, poison, latency and counters
 GET  /_stats               counters: calls, inputs per call, API connections opened,
-                           peak concurrency, Authorization headers seen
+                           peak concurrency, Authorization headers seen, poisoned answers
 
 Run: python3 tests/fake_upstream.py --port 8089
 """
@@ -17,6 +21,7 @@ import argparse
 import base64
 import hashlib
 import json
+import random
 import re
 import socket
 import struct
@@ -41,6 +46,11 @@ FAULTS = {
     "empty_choices",  # chat: 200 with "choices": []
 }
 
+# What OpenAI answers when one input of a batch is too long. Like the real
+# message it names no input, so a client cannot tell which text is at fault.
+POISON_MESSAGE = ("This model's maximum context length is 8192 tokens, however you requested "
+                  "9000 tokens. Please reduce your prompt.")
+
 
 class State:
     def __init__(self):
@@ -56,6 +66,9 @@ class State:
         self.auth = []
         self.faults = []
         self.latency_ms = 0
+        self.jitter_ms = 0
+        self.poison = None  # {"marker", "status", "message"} once /_poison is called
+        self.poisoned = 0
         self.last_api_reply = 0.0
 
     def snapshot(self):
@@ -68,6 +81,7 @@ class State:
                 "peak_concurrency": self.peak,
                 "auth": sorted(set(self.auth)),
                 "faults_left": len(self.faults),
+                "poisoned": self.poisoned,
                 "last_api_reply": self.last_api_reply,
             }
 
@@ -163,8 +177,17 @@ class Handler(BaseHTTPRequestHandler):
                 STATE.faults.append(f)
             return self.send_json(200, {"ok": True})
         if self.path == "/_latency":
+            req = json.loads(body)
             with STATE.lock:
-                STATE.latency_ms = json.loads(body)["ms"]
+                STATE.latency_ms = req["ms"]
+                STATE.jitter_ms = req.get("jitter_ms", 0)
+            return self.send_json(200, {"ok": True})
+        if self.path == "/_poison":
+            req = json.loads(body)
+            with STATE.lock:
+                STATE.poison = {"marker": req.get("marker", "POISON"),
+                                "status": req.get("status", 400),
+                                "message": req.get("message") or POISON_MESSAGE}
             return self.send_json(200, {"ok": True})
         kind = {"/v1/embeddings": "embeddings", "/v1/chat/completions": "chat"}.get(self.path)
         if kind is None:
@@ -178,11 +201,16 @@ class Handler(BaseHTTPRequestHandler):
             STATE.active += 1
             STATE.peak = max(STATE.peak, STATE.active)
             STATE.auth.append(self.headers.get("Authorization", ""))
-            latency = STATE.latency_ms
+            latency = STATE.latency_ms + random.uniform(0, STATE.jitter_ms)
+            poison = STATE.poison
         try:
             if latency:
                 time.sleep(latency / 1000.0)
             req = json.loads(body)
+            # Before the fault queue, so a poisoned request never uses up a
+            # fault meant for a healthy one.
+            if kind == "embeddings" and poison and self.answer_poisoned(req, poison):
+                return
             fault = STATE.next_fault()
             if fault and self.inject(fault):
                 return
@@ -194,6 +222,19 @@ class Handler(BaseHTTPRequestHandler):
             with STATE.lock:
                 STATE.active -= 1
                 STATE.last_api_reply = time.time()
+
+    def answer_poisoned(self, req, poison):
+        """Answers with the poison error when any input holds the marker."""
+        inputs = req.get("input")
+        inputs = [inputs] if isinstance(inputs, str) else inputs or []
+        if not any(isinstance(t, str) and poison["marker"] in t for t in inputs):
+            return False
+        with STATE.lock:
+            STATE.poisoned += 1
+        self.send_json(poison["status"], {"error": {
+            "message": poison["message"], "type": "invalid_request_error",
+            "param": None, "code": "context_length_exceeded" if poison["status"] == 400 else None}})
+        return True
 
     def inject(self, f):
         """Sends a fault response; False when the fault shapes a normal answer."""

@@ -242,6 +242,10 @@ fn cost(work: &Work, slots: &[usize]) -> (u64, u64) {
 }
 
 fn jobs(work: &Work, started: &[(usize, u64)], charge: Option<spend::Charge>) -> Vec<Job> {
+    // A call that only joined running fills starts nothing.
+    if started.is_empty() {
+        return Vec::new();
+    }
     let deadline = Instant::now() + Duration::from_millis(work.lease_ms);
     let tokens: Vec<u64> = started
         .iter()
@@ -329,9 +333,32 @@ impl Pending {
     }
 }
 
+thread_local! {
+    /// Set on worker threads: a job dropped there while panicking is a
+    /// worker panic.
+    static WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Set when a panicking job's waiters were failed, so the pool does not
+    /// count the same panic again.
+    static PANIC_COUNTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+pub fn mark_worker_thread() {
+    WORKER.with(|w| w.set(true));
+}
+
+/// True (once) when the panic the worker just caught was already counted.
+pub fn take_panic_counted() -> bool {
+    PANIC_COUNTED.with(|c| c.replace(false))
+}
+
 impl Drop for Pending {
     fn drop(&mut self) {
         if !self.ids.is_empty() {
+            // Count a worker panic before its waiters hear of it.
+            let worker = WORKER.with(std::cell::Cell::get);
+            if worker && std::thread::panicking() && !PANIC_COUNTED.with(|c| c.replace(true)) {
+                STATS.worker_panics.incr();
+            }
             let ids = std::mem::take(&mut self.ids);
             let err = Err(FillError::whole(
                 "ERR internal error: the fill was abandoned",

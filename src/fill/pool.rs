@@ -69,12 +69,14 @@ fn work(rx: Receiver<Job>, agent: Agent) {
         agent,
         stopping: &STOPPING,
     };
+    crate::fill::pipeline::mark_worker_thread();
     while let Ok(job) = rx.recv() {
         if catch_unwind(AssertUnwindSafe(|| {
             crate::redis::guard::maybe_panic(crate::redis::guard::Site::Worker);
             job.run(&up, &RedisStore)
         }))
         .is_err()
+            && !crate::fill::pipeline::take_panic_counted()
         {
             STATS.worker_panics.incr();
         }
