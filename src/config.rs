@@ -29,6 +29,12 @@ pub static MAX_RESPONSE_BYTES: Bounded = Bounded::new(4 << 20, 1, 256 << 20);
 pub static CACHE_SAMPLED: AtomicBool = AtomicBool::new(true);
 /// Collapse ASCII whitespace runs in texts before hashing.
 pub static NORMALIZE_WHITESPACE: AtomicBool = AtomicBool::new(false);
+/// Vector sizes of the models in use (`model=dims,...`): a fill's answer
+/// for a listed model must have that size before it may pin a namespace.
+pub static MODEL_DIMS: Checked = Checked::new(
+    crate::model::pins::check_model_dims,
+    crate::model::pins::DEFAULT_MODEL_DIMS,
+);
 /// Prepended to every key the module writes.
 pub static KEY_PREFIX: Checked = Checked::new(validate_prefix, DEFAULT_KEY_PREFIX);
 
@@ -286,6 +292,7 @@ pub struct Settings {
     pub fail_memory_ms: u64,
     pub base64: bool,
     pub tenant_source: String,
+    pub model_dims: String,
 }
 
 impl Settings {
@@ -309,6 +316,7 @@ impl Settings {
             fail_memory_ms: FAIL_MEMORY_MS.get_u64(),
             base64: UPSTREAM_BASE64.load(Ordering::Relaxed),
             tenant_source: TENANT_SOURCE.get_string(),
+            model_dims: MODEL_DIMS.get_string(),
         }
     }
 

@@ -177,6 +177,7 @@ redis_module! {
             ["api-key-env", &API_KEY_ENV, "OPENAI_API_KEY", ConfigurationFlags::PROTECTED, Some(Box::new(on_key_config))],
             ["api-key-file", &API_KEY_FILE, "", ConfigurationFlags::PROTECTED, Some(Box::new(on_key_config))],
             ["tenant-source", &TENANT_SOURCE, "arg", ConfigurationFlags::DEFAULT, None],
+            ["model-dims", &MODEL_DIMS, model::pins::DEFAULT_MODEL_DIMS, ConfigurationFlags::DEFAULT, None],
         ],
         bool: [
             ["normalize-whitespace", &NORMALIZE_WHITESPACE, false, ConfigurationFlags::DEFAULT, None],

@@ -27,6 +27,8 @@ DEFAULT_CONFIGS = {
     "aicache.batch-size": "100",
     "aicache.batch-max-tokens": "200000",
     "aicache.tenant-source": "arg",
+    "aicache.model-dims": "text-embedding-3-small=1536,text-embedding-3-large=3072,"
+                          "text-embedding-ada-002=1536",
     "aicache.lease-ms": "60000",
     "aicache.wait-timeout-ms": "60000",
     "aicache.fail-memory-ms": "0",

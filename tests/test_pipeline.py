@@ -351,7 +351,7 @@ def test_dims_reads_the_pin_and_reset_removes_it(f, upstream):
 def test_a_fill_of_other_than_a_known_models_published_size_is_refused(f, upstream):
     upstream.fault("wrong_dim")
     msg = failure(lambda: fetch(f, "known", "a", model=SMALL))
-    assert "published size is 1536" in msg, msg
+    assert "published size (aicache.model-dims) is 1536" in msg, msg
     assert f.dbsize() == 0
     assert dims(f, "known", model=SMALL) is None
 
@@ -361,6 +361,21 @@ def test_a_fill_of_other_than_fixed_dims_is_refused(f, upstream):
     upstream.fault("wrong_dim")
     msg = failure(lambda: fetch(f, "fixed", "a", opts=["NOSTORE"]))
     assert "fixed-dims is 8" in msg, msg
+
+
+def test_a_model_listed_in_model_dims_is_checked_on_a_fresh_namespace(f, upstream):
+    # Without the listing, a lone short answer on a fresh namespace has
+    # nothing to be checked against; with it, it is refused and pins nothing.
+    with pytest.raises(redis.ResponseError, match="model=dims"):
+        f.config_set("aicache.model-dims", "emb-model=0")
+    f.config_set("aicache.model-dims", "emb-model=8")
+    upstream.fault("wrong_dim")
+    msg = failure(lambda: fetch(f, "fresh-listed", "a"))
+    assert "(aicache.model-dims) is 8" in msg, msg
+    assert f.execute_command("EMBCACHE.DIMS", "fresh-listed", M) is None
+    assert f.dbsize() == 0
+    assert fetch(f, "fresh-listed", "a") == [expected("a")]
+    assert f.execute_command("EMBCACHE.DIMS", "fresh-listed", M) == 8
 
 
 def test_a_nostore_fill_is_checked_against_the_pin(f, upstream):

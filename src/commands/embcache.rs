@@ -318,6 +318,7 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         dims: opts.dims,
         pin_key: opts.dims.is_none().then(|| ns.dims_key()),
         fixed_dims: cfg.fixed_dims,
+        known_dims: crate::model::pins::known_dims(&cfg.model_dims, model_str),
         max_dims: cfg.max_dims,
         base64: cfg.base64,
     };

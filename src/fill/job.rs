@@ -114,7 +114,7 @@ fn embed(
         ))
     } else {
         check_answer(
-            &spec.model,
+            spec.known_dims,
             spec.dims.map(|d| d as usize),
             spec.fixed_dims,
             dims,

@@ -42,6 +42,8 @@ pub struct EmbedSpec {
     /// The namespace's pin hash, unless DIMENSIONS fixes the size.
     pub pin_key: Option<Vec<u8>>,
     pub fixed_dims: usize,
+    /// The model's size from aicache.model-dims.
+    pub known_dims: Option<usize>,
     pub max_dims: usize,
     pub base64: bool,
 }

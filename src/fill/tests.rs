@@ -92,6 +92,7 @@ fn work(texts: &[&str], store: bool) -> Work {
             dims: None,
             pin_key: Some(b"pins".to_vec()),
             fixed_dims: 0,
+            known_dims: None,
             max_dims: 64,
             base64: false,
         })),

@@ -2,8 +2,8 @@
 //! size. This is the whole policy; fill/pins.rs only reads and writes it.
 //!
 //! An upstream answer must first agree with what the request fixes (an
-//! explicit DIMENSIONS, `aicache.fixed-dims`, the published size of a known
-//! model). Only then may it be compared with, or create, the pin. A pin the
+//! explicit DIMENSIONS, `aicache.fixed-dims`, the size `aicache.model-dims`
+//! lists for the model). Only then may it be compared with, or create, the pin. A pin the
 //! node has seen is also remembered in memory, so a pin hash lost to
 //! eviction is restored with its old size rather than re-pinned by
 //! whatever size the next answer has.
@@ -12,37 +12,63 @@ use std::num::NonZeroUsize;
 
 use lru::LruCache;
 
-/// Published output sizes of models whose answers can be checked without
-/// a pin (when no DIMENSIONS shortens them).
-const KNOWN: &[(&str, usize)] = &[
-    ("text-embedding-3-small", 1536),
-    ("text-embedding-3-large", 3072),
-    ("text-embedding-ada-002", 1536),
-];
+/// Published output sizes of OpenAI's models: the default of
+/// `aicache.model-dims`, where an admin lists the models in use.
+pub const DEFAULT_MODEL_DIMS: &str =
+    "text-embedding-3-small=1536,text-embedding-3-large=3072,text-embedding-ada-002=1536";
+
+/// Validates a `model=dims,model=dims` table.
+pub fn check_model_dims(table: &str) -> Result<(), String> {
+    if table.len() > 4096 {
+        return Err("model-dims is longer than 4096 bytes".into());
+    }
+    for pair in table.split(',').filter(|p| !p.is_empty()) {
+        let ok = pair
+            .split_once('=')
+            .is_some_and(|(m, d)| !m.is_empty() && matches!(d.parse::<usize>(), Ok(1..=65_536)));
+        if !ok {
+            return Err(format!(
+                "model-dims entries are model=dims (dims 1 to 65536), not '{pair}'"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The size `table` lists for `model`.
+pub fn known_dims(table: &str, model: &str) -> Option<usize> {
+    table
+        .split(',')
+        .filter_map(|p| p.split_once('='))
+        .find(|(m, _)| *m == model)
+        .and_then(|(_, d)| d.parse().ok())
+}
 
 /// The size the request itself fixes, if any: DIMENSIONS, else fixed-dims,
-/// else a known model's size.
-pub fn expected_dims(model: &str, dimensions: Option<usize>, fixed: usize) -> Option<usize> {
-    dimensions
-        .or((fixed != 0).then_some(fixed))
-        .or_else(|| KNOWN.iter().find(|(m, _)| *m == model).map(|&(_, d)| d))
+/// else the model's listed size.
+pub fn expected_dims(
+    known: Option<usize>,
+    dimensions: Option<usize>,
+    fixed: usize,
+) -> Option<usize> {
+    dimensions.or((fixed != 0).then_some(fixed)).or(known)
 }
 
 /// Checks an answer's size against what the request fixes.
 pub fn check_answer(
-    model: &str,
+    known: Option<usize>,
     dimensions: Option<usize>,
     fixed: usize,
     got: usize,
 ) -> Result<(), String> {
-    match expected_dims(model, dimensions, fixed) {
+    match expected_dims(known, dimensions, fixed) {
         Some(want) if want != got => {
             let why = if dimensions.is_some() {
                 "DIMENSIONS"
             } else if fixed != 0 {
                 "aicache.fixed-dims"
             } else {
-                "the model's published size"
+                "the model's published size (aicache.model-dims)"
             };
             Err(format!(
                 "upstream returned {got}-dimension vectors, {why} is {want}"
@@ -132,27 +158,36 @@ mod tests {
 
     #[test]
     fn the_request_fixes_the_size_first() {
-        assert_eq!(expected_dims("m", Some(256), 512), Some(256));
-        assert_eq!(expected_dims("m", None, 512), Some(512));
-        assert_eq!(expected_dims("text-embedding-3-small", None, 0), Some(1536));
-        assert_eq!(
-            expected_dims("text-embedding-3-small", Some(256), 0),
-            Some(256)
-        );
-        assert_eq!(expected_dims("my-model", None, 0), None);
+        let small = known_dims(DEFAULT_MODEL_DIMS, "text-embedding-3-small");
+        assert_eq!(small, Some(1536));
+        assert_eq!(expected_dims(None, Some(256), 512), Some(256));
+        assert_eq!(expected_dims(None, None, 512), Some(512));
+        assert_eq!(expected_dims(small, None, 0), Some(1536));
+        assert_eq!(expected_dims(small, Some(256), 0), Some(256));
+        assert_eq!(known_dims(DEFAULT_MODEL_DIMS, "my-model"), None);
+        assert_eq!(known_dims("a=1,my-model=8", "my-model"), Some(8));
     }
 
     #[test]
     fn a_short_answer_for_a_known_model_is_refused() {
-        let e = check_answer("text-embedding-3-small", None, 0, 1535).unwrap_err();
-        assert!(e.contains("published size is 1536"), "{e}");
-        assert!(check_answer("m", Some(8), 0, 7)
+        let e = check_answer(Some(1536), None, 0, 1535).unwrap_err();
+        assert!(e.contains("(aicache.model-dims) is 1536"), "{e}");
+        assert!(check_answer(None, Some(8), 0, 7)
             .unwrap_err()
             .contains("DIMENSIONS is 8"));
-        assert!(check_answer("m", None, 8, 7)
+        assert!(check_answer(None, None, 8, 7)
             .unwrap_err()
             .contains("fixed-dims is 8"));
-        assert!(check_answer("m", None, 0, 7).is_ok());
+        assert!(check_answer(None, None, 0, 7).is_ok());
+    }
+
+    #[test]
+    fn model_dims_tables_are_validated() {
+        assert!(check_model_dims(DEFAULT_MODEL_DIMS).is_ok());
+        assert!(check_model_dims("").is_ok());
+        for bad in ["m", "m=", "=8", "m=0", "m=65537", "m=x", "a=1,b"] {
+            assert!(check_model_dims(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
