@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from helpers import Server  # noqa: E402
 
 import fills  # noqa: E402
+import hardening  # noqa: E402
 import limits  # noqa: E402
 
 M = b"text-embedding-3-small"
@@ -161,3 +162,4 @@ if __name__ == "__main__":
     main()
     print(fills.run())
     print(limits.run())
+    print(hardening.run())

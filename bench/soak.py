@@ -362,6 +362,9 @@ def main(argv=None):
     ap.add_argument("--fresh-ns-share", type=float, default=0.1,
                     help="share of EMBCACHE calls sent to a namespace never used before")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--model-dims", default="emb-model=8",
+                    help="aicache.model-dims for the run; '' leaves the 8-d model unlisted, so a "
+                         "lone short answer may pin a fresh namespace")
     ap.add_argument("--quick", action="store_true", help="10 s, 20 clients")
     args = ap.parse_args(argv)
     if args.quick:
@@ -382,6 +385,7 @@ def main(argv=None):
         # Quick retries, so a retried fault costs milliseconds, not seconds.
         ctl.config_set("aicache.upstream-backoff-base-ms", 20)
         ctl.config_set("aicache.upstream-backoff-cap-ms", 500)
+        ctl.config_set("aicache.model-dims", args.model_dims)
         base_mem = ctl.info("memory")["used_memory"]
         keys = key_map(ctl, [(ns, t) for ns in work.namespaces for t in work.texts],
                        work.requests)
