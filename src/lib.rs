@@ -30,6 +30,7 @@ fn init(ctx: &Context, _args: &[RedisString]) -> Status {
     redis::blocked::init(ctx);
     if let Err(e) = fill::pool::start(WORKERS.get_u64() as usize, QUEUE_SIZE.get_u64() as usize) {
         ctx.log_warning(&model::errors::sanitize(&e));
+        redis::blocked::deinit();
         return Status::Err;
     }
     redis::ffi::on_shutdown(ctx, shutdown);
@@ -76,6 +77,7 @@ fn deinit(ctx: &Context) -> Status {
         return Status::Err;
     }
     fill::pool::stop();
+    redis::blocked::deinit();
     Status::Ok
 }
 

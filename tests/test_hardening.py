@@ -535,3 +535,86 @@ def test_a_job_that_waited_past_its_lease_does_not_claim_a_0_ms_timeout(f, fserv
     assert not [r for r in late if isinstance(r, str) and "after 0 ms" in r], late
     assert all(r == [expected(f"lease-{i}")] or isinstance(r, str)
                for i, r in enumerate(late, start=workers)), late
+
+
+# Review findings, each pinned by a test.
+
+def test_a_refused_or_discarded_resetstat_resets_nothing(upstream):
+    s = Server(module_args=["upstream-url", upstream.url], env={"OPENAI_API_KEY": "sk-x"})
+    try:
+        c = s.client()
+        # This connection stays authenticated; new ones need the password.
+        c.config_set("requirepass", "pw")
+        c.execute_command("EMBCACHE.SET", "rs", "m", "t", "[1,2]")
+        c.execute_command("EMBCACHE.FETCH", "rs", "m", 1, "t")
+        hits = info_fields(c)["hits"]
+        assert hits == 1
+        # Unauthenticated: refused with NOAUTH, counters untouched.
+        raw = connect(s.port)
+        raw.sendall(encode("CONFIG", "RESETSTAT") + encode("PING"))
+        assert raw.recv(1024).startswith(b"-NOAUTH")
+        # Queued in MULTI, then discarded.
+        c.execute_command("MULTI")
+        c.execute_command("CONFIG", "RESETSTAT")
+        c.execute_command("DISCARD")
+        c.ping()
+        assert info_fields(c)["hits"] == hits
+        c.execute_command("CONFIG", "RESETSTAT")
+        assert info_fields(c)["hits"] == 0
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("n,ok", [("1e9223372036854775807", True), ("12E9223372036854775806", True),
+                                  ("100e9223372036854775806", False), ("1e-9223372036854775808", True)])
+def test_extreme_exponents_in_a_request_never_hurt_the_server(f, fserver, n, ok):
+    body = '{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":%s}' % n
+    if ok:
+        assert f.execute_command("LLMCACHE.KEY", "ns", body).startswith(b"aicache:llm:v1:")
+    else:
+        with pytest.raises(redis.ResponseError, match="bad number"):
+            f.execute_command("LLMCACHE.KEY", "ns", body)
+    assert fserver.alive()
+
+
+def test_a_full_cache_under_an_eviction_policy_keeps_storing_fills(upstream):
+    s = Server(module_args=["upstream-url", upstream.url],
+               extra=["--maxmemory-policy", "allkeys-lru"], env={"OPENAI_API_KEY": "sk-x"})
+    try:
+        c = s.client()
+        c.execute_command("DEBUG", "POPULATE", 20000, "filler", 200)
+        limit = c.info("memory")["used_memory"]
+        c.config_set("maxmemory", limit)
+        # 1536-d entries (text-embedding-3-small in the fake), 40 calls of 10.
+        for i in range(40):
+            texts = [f"ev-{i}-{j}" for j in range(10)]
+            got = c.execute_command("EMBCACHE.FETCH", "ev", "text-embedding-3-small", 10, *texts)
+            assert all(len(v) == 6144 for v in got)
+        stored = sum(c.exists(c.execute_command("EMBCACHE.KEY", "ev", "text-embedding-3-small",
+                                                f"ev-39-{j}")) for j in range(10))
+        info = info_fields(c)
+        # Before the fix nearly every write at the limit was skipped (395 of
+        # 400). Redis's LRU is sampled, so one fresh key may still go.
+        assert stored >= 8, (stored, info["writes_skipped"])
+        assert info["writes_skipped"] <= 40, info["writes_skipped"]
+        assert c.info("memory")["used_memory"] <= limit * 1.15
+    finally:
+        s.stop()
+
+
+def test_failure_memory_keeps_a_refused_input_an_error_element(f, upstream):
+    f.config_set("aicache.fail-memory-ms", 60000)
+    upstream.poison("POISON")
+    first = fetch(f, "fmi", "POISON-1", "good-1")
+    assert isinstance(first[0], redis.ResponseError) and first[1] == expected("good-1")
+    calls = upstream.calls()
+    # Remembered as this input's own failure: it fails alone, at once, and
+    # the rest of the call is still filled.
+    again = fetch(f, "fmi", "POISON-1", "good-2")
+    assert isinstance(again[0], redis.ResponseError) and "HTTP 400" in str(again[0])
+    assert again[1] == expected("good-2")
+    assert upstream.stats()["inputs"][-1:] == [1], "the refused text was sent again"
+    assert upstream.calls() == calls + 1
+    # Alone, it is answered without blocking or calling upstream at all.
+    assert isinstance(fetch(f, "fmi", "POISON-1")[0], redis.ResponseError)
+    assert upstream.calls() == calls + 1

@@ -9,7 +9,7 @@ use crate::config::Settings;
 use crate::model::errors::describe;
 use crate::model::keys::Namespace;
 use crate::model::ttl::{now_ms, parse_ex, JITTER_RNG};
-use crate::redis::ffi::error;
+use crate::redis::ffi::{self, error};
 
 pub fn namespace<'a>(cfg: &'a Settings, arg: &'a RedisString) -> Result<Namespace<'a>, RedisError> {
     Namespace::new(&cfg.prefix, arg.as_slice()).map_err(|e| error(e.message()))
@@ -27,7 +27,9 @@ pub fn tenant(
     ns: &Namespace,
 ) -> Result<Option<Vec<u8>>, RedisError> {
     let derived = match cfg.tenant_source.as_str() {
-        "user" => ctx.get_current_user().as_slice().to_vec(),
+        "user" => ffi::user_name(ctx).ok_or_else(|| {
+            error("ERR aicache.tenant-source is user but this call has no ACL user (module call)")
+        })?,
         "namespace" => ns.tag().to_vec(),
         _ => return Ok(given.map(<[u8]>::to_vec)),
     };

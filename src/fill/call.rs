@@ -94,6 +94,24 @@ impl Call {
         })
     }
 
+    /// Marks entries whose own input is known to be refused (failure
+    /// memory): they are answered as error elements and not filled.
+    pub fn refuse(&self, failed: &[(usize, Arc<str>)]) {
+        let mut st = self.lock();
+        for (slot, msg) in failed {
+            if let Some(s @ Slot::Waiting) = st.slots.get_mut(*slot) {
+                *s = Slot::Failed(msg.clone());
+                st.missing -= 1;
+            }
+        }
+    }
+
+    /// The reply, when nothing is left to fill.
+    pub fn ready(&self) -> Option<Reply> {
+        let st = self.lock();
+        (st.missing == 0).then(|| render(&st.slots, &st.shape))
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }

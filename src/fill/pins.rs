@@ -61,7 +61,8 @@ pub fn reset(ctx: &Context, db: i32, key: &[u8], model: &[u8]) -> Result<i64, St
         .map_err(|e| format!("ERR cannot remove the dimension pin: {e:?}"))
 }
 
-/// FLUSHDB, FLUSHALL (None) and SWAPDB: the hashes are gone or moved.
+/// FLUSHDB, FLUSHALL (None), SWAPDB and role changes: the hashes are gone,
+/// moved, or were changed by another master.
 pub fn forget_db(db: Option<i32>) {
     memory().forget_db(db);
 }

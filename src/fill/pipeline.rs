@@ -17,6 +17,7 @@ use crate::limits::spend::{self, Bill};
 use crate::model::batch::batches;
 use crate::model::failmem::FailMemory;
 use crate::model::inflight::{Join, Registry};
+use crate::model::reply::Reply;
 use crate::model::ttl::now_ms;
 use crate::redis::blocked::Blocked;
 use crate::redis::ffi;
@@ -133,10 +134,11 @@ pub fn fetch(ctx: &Context, work: Work) -> RedisResult {
         Blocked::new(ctx, timeout_ms, on_deadline).map(|b| Box::new(b) as Box<dyn Answer>)
     };
     match start(work, now_ms(), block) {
-        Ok(jobs) => {
+        Ok(Started::Jobs(jobs)) => {
             submit(jobs);
             Ok(RedisValue::NoReply)
         }
+        Ok(Started::Now(reply)) => Ok(ffi::send_now(ctx, reply)),
         Err(msg) => Err(ffi::error(msg)),
     }
 }
@@ -164,19 +166,32 @@ pub fn start(
     work: Work,
     now: u64,
     block: impl FnOnce(Weak<Call>) -> Option<Box<dyn Answer>>,
-) -> Result<Vec<Job>, String> {
-    let missing: Vec<usize> = work.missing().collect();
-    let fill_keys: Vec<Vec<u8>> = missing.iter().map(|&s| work.fill_key(s)).collect();
+) -> Result<Started, String> {
+    let mut missing: Vec<usize> = work.missing().collect();
+    let slots = work.entries.iter().map(|e| e.hit.clone()).collect();
+    let call = Call::new(slots, work.shape.clone());
     if work.fail_memory_ms > 0 {
+        let mut refused = Vec::new();
         let mut f = failures();
-        if let Some(msg) = fill_keys.iter().find_map(|k| f.check(k, now)) {
-            STATS.fail_fast_errors.incr();
-            let msg = msg.trim_start_matches("ERR ");
-            return Err(format!(
-                "ERR {msg} (failing fast: the same fill failed within aicache.fail-memory-ms)"
-            ));
+        for &s in &missing {
+            match f.check(&work.fill_key(s), now) {
+                Some((msg, true)) => refused.push((s, Arc::from(failing_fast(&msg)))),
+                Some((msg, false)) => {
+                    STATS.fail_fast_errors.incr();
+                    return Err(failing_fast(&msg));
+                }
+                None => {}
+            }
+        }
+        drop(f);
+        STATS.fail_fast_errors.add(refused.len() as u64);
+        missing.retain(|s| !refused.iter().any(|(r, _)| r == s));
+        call.refuse(&refused);
+        if let Some(reply) = call.ready() {
+            return Ok(Started::Now(reply));
         }
     }
+    let fill_keys: Vec<Vec<u8>> = missing.iter().map(|&s| work.fill_key(s)).collect();
     let mut reg = registry();
     reg.set_limits(work.max_fills, work.lease_ms);
     let new: Vec<usize> = missing
@@ -192,8 +207,6 @@ pub fn start(
         let (requests, tokens) = cost(&work, &new);
         Some(spend::admit(work.tenant.as_deref(), requests, tokens)?)
     };
-    let slots = work.entries.iter().map(|e| e.hit.clone()).collect();
-    let call = Call::new(slots, work.shape.clone());
     let Some(answer) = block(Arc::downgrade(&call)) else {
         drop(reg);
         Bill::new(charge).refund();
@@ -217,6 +230,13 @@ pub fn start(
         }
     }
     drop(reg);
+    // Until the jobs own them, the started fills are answered by this
+    // guard: a panic in between cannot leave them in the registry.
+    let guard = Pending::new(
+        started.iter().map(|&(_, id)| id).collect(),
+        started.iter().map(|&(s, _)| work.fill_key(s)).collect(),
+        0,
+    );
     if full {
         Bill::new(charge).refund();
         STATS.fill_capacity_errors.incr();
@@ -225,12 +245,26 @@ pub fn start(
             work.max_fills
         );
         call.fail(&msg);
-        let keys = started.iter().map(|&(s, _)| work.fill_key(s)).collect();
-        Pending::new(started.iter().map(|&(_, id)| id).collect(), keys, 0).fail(&msg);
-        return Ok(Vec::new());
+        guard.fail(&msg);
+        return Ok(Started::Jobs(Vec::new()));
     }
     STATS.fills_started.add(started.len() as u64);
-    Ok(jobs(&work, &started, charge))
+    let jobs = jobs(&work, &started, charge);
+    guard.disarm();
+    Ok(Started::Jobs(jobs))
+}
+
+fn failing_fast(msg: &str) -> String {
+    let msg = msg.trim_start_matches("ERR ");
+    format!("ERR {msg} (failing fast: the same fill failed within aicache.fail-memory-ms)")
+}
+
+/// What `start` did.
+pub enum Started {
+    /// The client is blocked (or was answered); run these jobs.
+    Jobs(Vec<Job>),
+    /// Nothing to fill: reply with this now, without blocking.
+    Now(Reply),
 }
 
 /// Upstream requests and estimated tokens of filling `slots` now.
@@ -320,12 +354,17 @@ impl Pending {
             let mut f = failures();
             for (k, r) in self.fill_keys.iter().zip(&results) {
                 if let Err(e) = r {
-                    f.remember(k, now, self.fail_memory_ms, e.msg.clone());
+                    f.remember(k, now, self.fail_memory_ms, e.msg.clone(), e.per_input);
                 }
             }
         }
         let ids = std::mem::take(&mut self.ids);
         complete(ids.into_iter().zip(results));
+    }
+
+    /// The jobs now answer for these fills.
+    fn disarm(mut self) {
+        self.ids.clear();
     }
 
     pub fn fail(self, msg: &str) {

@@ -8,6 +8,7 @@
 
 use std::net::IpAddr;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use ureq::config::Config;
@@ -25,6 +26,9 @@ struct Lookup {
     uri: Uri,
     config: Config,
     timeout: NextTimeout,
+    /// When the worker stops waiting: a lookup still queued then is
+    /// dropped unrun, so a backlog cannot hold up unload.
+    deadline: Option<Instant>,
     reply: Sender<Answer>,
 }
 
@@ -58,6 +62,9 @@ pub fn start() -> Result<(BoundedResolver, Vec<JoinHandle<()>>), String> {
             .spawn(move || {
                 let resolver = DefaultResolver::default();
                 while let Ok(l) = rx.recv() {
+                    if l.deadline.is_some_and(|d| Instant::now() >= d) {
+                        continue;
+                    }
                     let _ = l.reply.send(resolver.resolve(&l.uri, &l.config, l.timeout));
                 }
             });
@@ -89,6 +96,7 @@ impl Resolver for BoundedResolver {
             uri: uri.clone(),
             config: config.clone(),
             timeout: unbounded(timeout),
+            deadline: Instant::now().checked_add(*timeout.after),
             reply,
         };
         self.tx

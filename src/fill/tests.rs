@@ -118,11 +118,12 @@ fn work(texts: &[&str], store: bool) -> Work {
 fn begin(w: Work) -> (Vec<Job>, Receiver<Reply>, Weak<Call>) {
     let (tx, rx) = channel();
     let mut call = Weak::new();
-    let jobs = start(w, 0, |c| {
+    let Ok(Started::Jobs(jobs)) = start(w, 0, |c| {
         call = c;
         Some(Box::new(Recorder(tx)))
-    })
-    .unwrap();
+    }) else {
+        panic!("start did not block")
+    };
     (jobs, rx, call)
 }
 

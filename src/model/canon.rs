@@ -69,7 +69,9 @@ pub fn canonical_number(token: &str) -> Option<String> {
         .checked_sub(frac.len() as i64)?
         .checked_add((digits.len() - significant.len()) as i64)?;
     let sign = if neg { "-" } else { "" };
-    if exp >= 0 && significant.len() as i64 + exp <= 64 {
+    // Written out only when short: `exp` may be near i64::MAX.
+    let written = (significant.len() as i64).checked_add(exp);
+    if exp >= 0 && written.is_some_and(|w| w <= 64) {
         return Some(format!("{sign}{significant}{}", "0".repeat(exp as usize)));
     }
     Some(format!("{sign}{significant}e{exp}"))
@@ -318,6 +320,22 @@ mod tests {
             canonical_number("12345678901234567890123"),
             canonical_number("12345678901234567890124")
         );
+    }
+
+    #[test]
+    fn extreme_exponents_neither_overflow_nor_allocate() {
+        for (token, want) in [
+            ("1e9223372036854775807", Some("1e9223372036854775807")),
+            ("12E9223372036854775806", Some("12e9223372036854775806")),
+            ("1.0e9223372036854775807", Some("1e9223372036854775807")),
+            ("100e9223372036854775806", None),
+            ("1e-9223372036854775808", Some("1e-9223372036854775808")),
+            ("0.1e-9223372036854775808", None),
+            ("1e99999999999999999999", None),
+            ("-", None),
+        ] {
+            assert_eq!(canonical_number(token).as_deref(), want, "{token}");
+        }
     }
 
     #[test]

@@ -8,8 +8,12 @@ use std::sync::Arc;
 
 use lru::LruCache;
 
+/// A failure: until when, its message, and whether only this entry's own
+/// input was refused (so only this entry fails, not the calls holding it).
+type Remembered = (u64, Arc<str>, bool);
+
 pub struct FailMemory {
-    entries: LruCache<Vec<u8>, (u64, Arc<str>)>,
+    entries: LruCache<Vec<u8>, Remembered>,
 }
 
 impl FailMemory {
@@ -20,17 +24,26 @@ impl FailMemory {
     }
 
     /// Remembers that `key` failed with `msg` until `now_ms + for_ms`.
-    pub fn remember(&mut self, key: &[u8], now_ms: u64, for_ms: u64, msg: Arc<str>) {
+    pub fn remember(
+        &mut self,
+        key: &[u8],
+        now_ms: u64,
+        for_ms: u64,
+        msg: Arc<str>,
+        per_input: bool,
+    ) {
         if for_ms > 0 {
-            self.entries
-                .put(key.to_vec(), (now_ms.saturating_add(for_ms), msg));
+            self.entries.put(
+                key.to_vec(),
+                (now_ms.saturating_add(for_ms), msg, per_input),
+            );
         }
     }
 
     /// The remembered failure of `key`, if it has not expired.
-    pub fn check(&mut self, key: &[u8], now_ms: u64) -> Option<Arc<str>> {
+    pub fn check(&mut self, key: &[u8], now_ms: u64) -> Option<(Arc<str>, bool)> {
         match self.entries.get(key) {
-            Some((until, msg)) if now_ms < *until => Some(msg.clone()),
+            Some((until, msg, per_input)) if now_ms < *until => Some((msg.clone(), *per_input)),
             Some(_) => {
                 self.entries.pop(key);
                 None
@@ -47,9 +60,14 @@ mod tests {
     #[test]
     fn it_fails_fast_until_the_memory_expires() {
         let mut m = FailMemory::new(10);
-        m.remember(b"k", 1000, 500, Arc::from("ERR boom"));
-        assert_eq!(m.check(b"k", 1000).as_deref(), Some("ERR boom"));
-        assert_eq!(m.check(b"k", 1499).as_deref(), Some("ERR boom"));
+        m.remember(b"k", 1000, 500, Arc::from("ERR boom"), false);
+        m.remember(b"one", 1000, 500, Arc::from("ERR too long"), true);
+        assert_eq!(m.check(b"k", 1000), Some((Arc::from("ERR boom"), false)));
+        assert_eq!(m.check(b"k", 1499), Some((Arc::from("ERR boom"), false)));
+        assert_eq!(
+            m.check(b"one", 1000),
+            Some((Arc::from("ERR too long"), true))
+        );
         assert_eq!(m.check(b"k", 1500), None);
         assert_eq!(m.check(b"other", 1000), None);
     }
@@ -57,7 +75,7 @@ mod tests {
     #[test]
     fn zero_means_off() {
         let mut m = FailMemory::new(10);
-        m.remember(b"k", 0, 0, Arc::from("ERR"));
+        m.remember(b"k", 0, 0, Arc::from("ERR"), false);
         assert_eq!(m.check(b"k", 0), None);
     }
 
@@ -65,7 +83,7 @@ mod tests {
     fn it_is_bounded() {
         let mut m = FailMemory::new(2);
         for k in [b"a", b"b", b"c"] {
-            m.remember(k, 0, 100, Arc::from("ERR"));
+            m.remember(k, 0, 100, Arc::from("ERR"), false);
         }
         assert_eq!(m.check(b"a", 1), None, "the oldest entry must be evicted");
         assert!(m.check(b"b", 1).is_some() && m.check(b"c", 1).is_some());

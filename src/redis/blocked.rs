@@ -11,7 +11,8 @@
 use std::os::raw::{c_int, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use redis_module::{raw, Context};
 
@@ -41,18 +42,86 @@ pub fn live_timers() -> u64 {
     TIMERS.load(Ordering::Relaxed)
 }
 
+/// Runs `f` on the main thread after `ms` (0: the next event-loop turn).
+pub fn after(ms: u64, f: Deadline) -> bool {
+    let tctx = TIMER_CTX.load(Ordering::Acquire);
+    // SAFETY: reading the API table Redis filled in at load.
+    let create = unsafe { raw::RedisModule_CreateTimer };
+    let (false, Some(create)) = (tctx.is_null(), create) else {
+        return false;
+    };
+    let data = Box::into_raw(Box::new(f));
+    // SAFETY: main thread, the module's detached context; `fire` takes the
+    // Box back exactly once.
+    unsafe {
+        create(
+            tctx,
+            ms.min(i64::MAX as u64) as i64,
+            Some(fire),
+            data.cast(),
+        )
+    };
+    TIMERS.fetch_add(1, Ordering::Relaxed);
+    true
+}
+
+/// A `stats` field of INFO as an integer, read through the module's own
+/// context (main thread).
+pub fn server_stat(field: &std::ffi::CStr) -> Option<u64> {
+    let tctx = TIMER_CTX.load(Ordering::Acquire);
+    if tctx.is_null() {
+        return None;
+    }
+    // SAFETY: main thread, live detached context; the info object is freed
+    // before returning.
+    unsafe {
+        let info = raw::RedisModule_GetServerInfo?(tctx, c"stats".as_ptr());
+        if info.is_null() {
+            return None;
+        }
+        let mut err: c_int = 0;
+        let v = raw::RedisModule_ServerInfoGetFieldUnsigned?(info, field.as_ptr(), &mut err);
+        if let Some(free) = raw::RedisModule_FreeServerInfo {
+            free(tctx, info);
+        }
+        (err == 0).then_some(v)
+    }
+}
+
+/// Unload, or a failed load: frees the detached context. Only once no
+/// timer is live (unload checks [`live_timers`]).
+pub fn deinit() {
+    let tctx = TIMER_CTX.swap(std::ptr::null_mut(), Ordering::AcqRel);
+    if !tctx.is_null() {
+        // SAFETY: the context came from GetDetachedThreadSafeContext and,
+        // swapped out above, is freed once.
+        unsafe {
+            if let Some(free) = raw::RedisModule_FreeThreadSafeContext {
+                free(tctx);
+            }
+        }
+    }
+}
+
 /// What Redis holds for an unblocked client until it has replied.
 struct Private {
     reply: Reply,
     /// The deadline timer to stop, unless the deadline itself replied.
-    timer: Option<u64>,
+    timer: Option<Timer>,
+}
+
+/// A deadline timer and whether it has fired: a fired timer's id may be
+/// reused (ids are clock-based), so it is never stopped by id.
+struct Timer {
+    id: u64,
+    fired: Arc<AtomicBool>,
 }
 
 /// A client blocked by FETCH. Consumed by [`Blocked::unblock`]; dropping it
 /// unblocks with an error, so no path leaves a client blocked.
 pub struct Blocked {
     bc: Option<NonNull<raw::RedisModuleBlockedClient>>,
-    timer: Option<u64>,
+    timer: Option<Timer>,
 }
 
 // SAFETY: the handle is only passed to RedisModule_UnblockClient, which
@@ -77,6 +146,12 @@ impl Blocked {
             raw::RedisModule_BlockClient?(ctx.ctx, Some(on_reply), None, Some(free_private), 0)
         };
         let bc = NonNull::new(bc)?;
+        let fired = Arc::new(AtomicBool::new(false));
+        let flag = fired.clone();
+        let on_deadline: Deadline = Box::new(move || {
+            flag.store(true, Ordering::Release);
+            on_deadline()
+        });
         let data = Box::into_raw(Box::new(on_deadline));
         let period = timeout_ms.min(i64::MAX as u64) as i64;
         // SAFETY: tctx is the module's detached context; `data` is handed to
@@ -86,7 +161,7 @@ impl Blocked {
         crate::redis::guard::note_blocked();
         Some(Blocked {
             bc: Some(bc),
-            timer: Some(id),
+            timer: Some(Timer { id, fired }),
         })
     }
 
@@ -151,8 +226,8 @@ extern "C" fn free_private(_: *mut raw::RedisModuleCtx, data: *mut c_void) {
         if let Some(p) = NonNull::new(data.cast::<Private>()) {
             // SAFETY: `data` is the Box leaked in `release`; Redis frees it once.
             let private = unsafe { Box::from_raw(p.as_ptr()) };
-            if let Some(id) = private.timer {
-                stop_timer(id);
+            if let Some(t) = private.timer.filter(|t| !t.fired.load(Ordering::Acquire)) {
+                stop_timer(t.id);
             }
         }
     }));

@@ -223,14 +223,31 @@ pub enum Memory {
 
 pub fn memory(ctx: &Context) -> Memory {
     let flags = ctx.get_flags();
+    if !flags.contains(ContextFlags::MAXMEMORY) {
+        return Memory::Fine;
+    }
+    if flags.contains(ContextFlags::EVICTED) {
+        // Redis evicts at the start of its next command, so a full cache
+        // sits just over the limit between commands: write, as a client's
+        // write would be allowed. Refuse only far past the limit, where
+        // eviction finds nothing to free (volatile-* with no TTLs).
+        // SAFETY: a plain getter, called with the Redis lock held.
+        let ratio = unsafe { raw::RedisModule_GetUsedMemoryRatio.map_or(0.0, |f| f()) };
+        return if ratio > EVICTING_SLACK {
+            Memory::Over
+        } else {
+            Memory::Fine
+        };
+    }
     if flags.contains(ContextFlags::OOM) {
         Memory::Over
-    } else if flags.contains(ContextFlags::MAXMEMORY) && !flags.contains(ContextFlags::EVICTED) {
-        Memory::Strict
     } else {
-        Memory::Fine
+        Memory::Strict
     }
 }
+
+/// How far past `maxmemory` fills still write under an eviction policy.
+const EVICTING_SLACK: f32 = 1.1;
 
 /// A string config's value as Redis reads it: Redis copies the bytes and
 /// never frees what a getter returns, so the config owns it and replaces
@@ -284,40 +301,33 @@ pub fn on_shutdown(ctx: &Context, f: fn()) {
     raw::subscribe_to_server_event(ctx.ctx, event, Some(shutdown_event));
 }
 
-/// Calls `f` when the command `CONFIG RESETSTAT` runs: Redis has no server
-/// event for it, so a command filter spots it (two arguments compared per
-/// command, nothing else).
+/// Calls `f` after `CONFIG RESETSTAT` has run. Redis has no event for it,
+/// and a command filter sees commands before authentication, ACLs and
+/// MULTI queuing, so the filter only notes the command (two byte
+/// compares, no allocation) and the next event-loop turn checks that
+/// Redis's own counters really were reset.
 pub fn on_resetstat(ctx: &Context, f: fn()) {
     static HOOK: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
     extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
         let _ = catch_unwind(|| {
-            let arg = |i: c_int| -> Vec<u8> {
-                // SAFETY: fctx is the live filter context; ArgGet returns a
-                // string owned by the command, read at once.
-                unsafe {
-                    let s = raw::RedisModule_CommandFilterArgGet
-                        .map_or(std::ptr::null_mut(), |g| g(fctx, i));
-                    if s.is_null() {
-                        return Vec::new();
-                    }
-                    let mut len = 0usize;
-                    let p =
-                        raw::RedisModule_StringPtrLen.map_or(std::ptr::null(), |g| g(s, &mut len));
-                    if p.is_null() {
-                        return Vec::new();
-                    }
-                    std::slice::from_raw_parts(p.cast::<u8>(), len).to_vec()
-                }
+            // SAFETY: fctx is the live filter context; the arguments are
+            // owned by the command and read at once.
+            let is = |i: c_int, word: &[u8]| unsafe {
+                let s = raw::RedisModule_CommandFilterArgGet
+                    .map_or(std::ptr::null_mut(), |g| g(fctx, i));
+                let mut len = 0usize;
+                let p = if s.is_null() {
+                    std::ptr::null()
+                } else {
+                    raw::RedisModule_StringPtrLen.map_or(std::ptr::null(), |g| g(s, &mut len))
+                };
+                !p.is_null()
+                    && std::slice::from_raw_parts(p.cast::<u8>(), len).eq_ignore_ascii_case(word)
             };
             // SAFETY: as above.
             let argc = unsafe { raw::RedisModule_CommandFilterArgsCount.map_or(0, |g| g(fctx)) };
-            if argc == 2
-                && arg(0).eq_ignore_ascii_case(b"config")
-                && arg(1).eq_ignore_ascii_case(b"resetstat")
-            {
-                if let Some(f) = HOOK.get() {
-                    f();
-                }
+            if argc == 2 && is(0, b"config") && is(1, b"resetstat") {
+                verify_reset();
             }
         });
     }
@@ -332,9 +342,28 @@ pub fn on_resetstat(ctx: &Context, f: fn()) {
             );
         }
     }
+
+    fn verify_reset() {
+        let field = c"total_commands_processed";
+        let Some(before) = crate::redis::blocked::server_stat(field) else {
+            return;
+        };
+        crate::redis::blocked::after(
+            0,
+            Box::new(move || {
+                let now = crate::redis::blocked::server_stat(field).unwrap_or(u64::MAX);
+                if now < before {
+                    if let Some(f) = HOOK.get() {
+                        f();
+                    }
+                }
+            }),
+        );
+    }
 }
 
-/// Calls `f(Some(db))` after FLUSHDB, `f(None)` after FLUSHALL and SWAPDB.
+/// Calls `f(Some(db))` after FLUSHDB, `f(None)` after FLUSHALL, SWAPDB and
+/// a replication role change (the data may have changed under us).
 pub fn on_flush(ctx: &Context, f: fn(Option<i32>)) {
     static HOOK: std::sync::OnceLock<fn(Option<i32>)> = std::sync::OnceLock::new();
     extern "C" fn flushed(
@@ -358,8 +387,34 @@ pub fn on_flush(ctx: &Context, f: fn(Option<i32>)) {
     for id in [
         raw::REDISMODULE_EVENT_FLUSHDB,
         raw::REDISMODULE_EVENT_SWAPDB,
+        raw::REDISMODULE_EVENT_REPLICATION_ROLE_CHANGED,
     ] {
         let event = raw::RedisModuleEvent { id, dataver: 1 };
         raw::subscribe_to_server_event(ctx.ctx, event, Some(flushed));
+    }
+}
+
+/// The calling client's ACL user name; None for a call with no client
+/// user (a module's RM_Call without the `C` flag), where Redis's own
+/// current-user getter would read a null user.
+pub fn user_name(ctx: &Context) -> Option<Vec<u8>> {
+    // SAFETY: getters on the live command context; the returned string is
+    // ours to free, and is read before it is freed.
+    unsafe {
+        let id = raw::RedisModule_GetClientId?(ctx.ctx);
+        if id == 0 {
+            return None;
+        }
+        let s = raw::RedisModule_GetClientUserNameById?(ctx.ctx, id);
+        if s.is_null() {
+            return None;
+        }
+        let mut len = 0usize;
+        let p = raw::RedisModule_StringPtrLen?(s, &mut len);
+        let name = (!p.is_null()).then(|| std::slice::from_raw_parts(p.cast::<u8>(), len).to_vec());
+        if let Some(free) = raw::RedisModule_FreeString {
+            free(ctx.ctx, s);
+        }
+        name
     }
 }
