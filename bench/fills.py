@@ -9,18 +9,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from helpers import Server, Upstream, info_fields, wait_for  # noqa: E402
+from helpers import Server, Upstream, info_fields, resp, wait_for  # noqa: E402
 
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux value
 MODEL = "bench-d256"  # 256-dimension vectors from the fake upstream
-
-
-def resp(*args):
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        a = a if isinstance(a, bytes) else str(a).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-    return b"".join(out)
 
 
 def fetch_cmd(ns, *texts):

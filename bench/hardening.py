@@ -10,7 +10,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from helpers import Server, Upstream, info_fields  # noqa: E402
+from helpers import Server, Upstream, resp  # noqa: E402
 
 
 def script(name, *args):
@@ -20,14 +20,6 @@ def script(name, *args):
     rows = [line for line in out.stdout.splitlines() if line.startswith("|")]
     tail = [line for line in out.stdout.splitlines() if line.strip()][-3:]
     return out.returncode, rows, tail
-
-
-def resp(*args):
-    out = b"*%d\r\n" % len(args)
-    for a in args:
-        a = a if isinstance(a, bytes) else str(a).encode()
-        out += b"$%d\r\n%s\r\n" % (len(a), a)
-    return out
 
 
 def read_reply(f):

@@ -249,3 +249,43 @@ def info_fields(client, section="aicache"):
             except ValueError:
                 out[k] = v
     return out
+
+
+def resp(*args):
+    """One command in the Redis protocol, for tests that talk raw sockets."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        a = a if isinstance(a, bytes) else str(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(out)
+
+
+def load_outcome(module_args, env=None):
+    """("exited" or "serving", exit status): what redis-server, started with
+    Server's flags, does with the module loaded with these arguments. Polled
+    with a raw PING, since redis-py retries refused connections and makes a
+    failed start slow."""
+    import socket
+    port, workdir = free_port(), tempfile.mkdtemp(prefix="aicache-test-")
+    proc = subprocess.Popen(
+        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir,
+         "--logfile", os.path.join(workdir, "redis.log"), "--save", "", "--appendonly", "no",
+         "--enable-debug-command", "yes", "--loadmodule", MODULE, *map(str, module_args)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+    def settled():
+        if proc.poll() is not None:
+            return "exited"
+        # Redis listens before it loads modules, but answers only after.
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return "serving" if s.recv(7).startswith(b"+PONG") else None
+        except OSError:
+            return None
+
+    try:
+        return wait_for(settled, what="redis-server to load or refuse the module"), proc.returncode
+    finally:
+        stop_process(proc)
+        shutil.rmtree(workdir, ignore_errors=True)

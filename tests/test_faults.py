@@ -9,9 +9,8 @@ import pytest
 import redis
 
 from conftest import API_KEY
-from fake_upstream import vector
 from helpers import Server, info_fields, wait_for
-from test_fetch import M, REQ, expected, fetch, llm
+from test_fetch import REQ, expected, fetch, llm
 
 # (kind, fault options, configs, error pattern, upstream calls with retries 2)
 EMB_FAULTS = [

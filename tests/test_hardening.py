@@ -5,10 +5,7 @@ Each test states the behaviour the fixed module must have (see the README's
 against they fail, except where a comment says the test is a guard.
 """
 import json
-import shutil
 import socket
-import subprocess
-import tempfile
 import threading
 import uuid
 
@@ -16,7 +13,7 @@ import pytest
 import redis
 
 from conftest import API_KEY
-from helpers import MODULE, REDIS_SERVER, Server, free_port, info_fields, stop_process, wait_for
+from helpers import Server, info_fields, load_outcome, resp, wait_for
 from test_fetch import M, REQ, answer_for, expected, fetch
 
 # --------------------------------------------------------------------------
@@ -26,14 +23,6 @@ from test_fetch import M, REQ, answer_for, expected, fetch
 
 class RespError(str):
     """An error reply (the text after the '-')."""
-
-
-def encode(*args):
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        a = a if isinstance(a, bytes) else str(a).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-    return b"".join(out)
 
 
 class RespReader:
@@ -105,7 +94,7 @@ def one_reply_then_echo(port, command, is_fetch_reply):
     else what went wrong."""
     token = unique("echo").encode()
     with connect(port) as s:
-        s.sendall(encode(*command) + encode("ECHO", token))
+        s.sendall(resp(*command) + resp("ECHO", token))
         r = RespReader(s)
         try:
             first = r.read()
@@ -170,8 +159,8 @@ def test_killed_and_timed_out_waiters_leave_nothing_behind(f, fserver, upstream)
         t = (k // workers + 1) * L_MS + (k % workers) * 80 // workers - 40
         token = unique("echo").encode()
         kept, killed = connect(fserver.port), connect(fserver.port)
-        fetch_cmd = encode("EMBCACHE.FETCH", "ns", M, 1, text, "TIMEOUT", t)
-        kept.sendall(fetch_cmd + encode("ECHO", token))
+        fetch_cmd = resp("EMBCACHE.FETCH", "ns", M, 1, text, "TIMEOUT", t)
+        kept.sendall(fetch_cmd + resp("ECHO", token))
         killed.sendall(fetch_cmd)
         pairs.append((text, t, token, kept, killed))
     for *_, killed in pairs:
@@ -418,34 +407,6 @@ def test_config_resetstat_resets_the_module_counters(f):
     assert {k: info[k] for k in counters} == dict.fromkeys(counters, 0)
 
 
-def load_outcome(module_args):
-    """"exited" (with its status) or "serving": what redis-server does with
-    the module loaded with these arguments. Polled with a raw PING, since
-    redis-py retries refused connections and makes a failed start slow."""
-    port, workdir = free_port(), tempfile.mkdtemp(prefix="aicache-test-")
-    proc = subprocess.Popen(
-        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir,
-         "--save", "", "--loadmodule", MODULE, *module_args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def settled():
-        if proc.poll() is not None:
-            return "exited"
-        # Redis listens before it loads modules, but answers only after.
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                return "serving" if s.recv(7).startswith(b"+PONG") else None
-        except OSError:
-            return None
-
-    try:
-        return wait_for(settled, what="redis-server to load or refuse the module"), proc.returncode
-    finally:
-        stop_process(proc)
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
 def test_an_upstream_url_with_an_impossible_port_fails_the_load():
     # upstream-url is PROTECTED, so CONFIG SET cannot try it: the module must
     # refuse the value at load time, and then redis-server exits.
@@ -551,7 +512,7 @@ def test_a_refused_or_discarded_resetstat_resets_nothing(upstream):
         assert hits == 1
         # Unauthenticated: refused with NOAUTH, counters untouched.
         raw = connect(s.port)
-        raw.sendall(encode("CONFIG", "RESETSTAT") + encode("PING"))
+        raw.sendall(resp("CONFIG", "RESETSTAT") + resp("PING"))
         assert raw.recv(1024).startswith(b"-NOAUTH")
         # Queued in MULTI, then discarded.
         c.execute_command("MULTI")

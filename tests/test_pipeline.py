@@ -3,17 +3,13 @@
 connection or the namespace (A7); the API key file's lifecycle (A8);
 dimension pins (A9); and the key never coming back in any form (A12)."""
 import os
-import shutil
-import socket
-import subprocess
-import tempfile
 import threading
 
 import pytest
 import redis
 
 from conftest import API_KEY
-from helpers import MODULE, REDIS_SERVER, Server, free_port, info_fields, stop_process, wait_for
+from helpers import Server, info_fields, load_outcome, wait_for
 from test_fetch import M, expected, fetch
 
 
@@ -267,33 +263,6 @@ def test_a_key_sent_in_clear_text_off_this_machine_is_warned_about(upstream):
             assert API_KEY not in log
         finally:
             s.stop()
-
-
-def load_outcome(module_args, env):
-    """("exited" or "serving", exit status): what redis-server, started with
-    helpers.Server's flags, does with the module loaded with these arguments."""
-    port, workdir = free_port(), tempfile.mkdtemp(prefix="aicache-test-")
-    proc = subprocess.Popen(
-        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir,
-         "--logfile", os.path.join(workdir, "redis.log"), "--save", "", "--appendonly", "no",
-         "--enable-debug-command", "yes", "--loadmodule", MODULE, *module_args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-
-    def settled():
-        if proc.poll() is not None:
-            return "exited"
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                return "serving" if s.recv(7).startswith(b"+PONG") else None
-        except OSError:
-            return None
-
-    try:
-        return wait_for(settled, what="redis-server to load or refuse the module"), proc.returncode
-    finally:
-        stop_process(proc)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_api_key_env_must_name_a_key_variable(upstream):

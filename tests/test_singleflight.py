@@ -7,7 +7,7 @@ import time
 import pytest
 import redis
 
-from helpers import info_fields, wait_for
+from helpers import info_fields, resp, wait_for
 from test_fetch import M, REQ, expected, fetch, llm
 
 
@@ -122,14 +122,6 @@ def test_a_fill_past_its_lease_no_longer_blocks_new_fills(f, fserver, upstream):
     t.join()
     # The lease also bounds the first fill's own deadline.
     assert "timed out" in str(first[0].value)
-
-
-def resp(*args):
-    out = f"*{len(args)}\r\n".encode()
-    for a in args:
-        a = a if isinstance(a, bytes) else str(a).encode()
-        out += b"$%d\r\n%s\r\n" % (len(a), a)
-    return out
 
 
 def test_killing_200_blocked_clients_leaves_the_server_clean(f, fserver, upstream):
