@@ -94,6 +94,9 @@ fn info(ctx: &InfoContext, for_crash_report: bool) -> RedisResult<()> {
 
 fn info_section(ctx: &InfoContext, for_crash_report: bool) -> RedisResult<()> {
     redis::guard::maybe_panic(redis::guard::Site::Info);
+    if !for_crash_report {
+        redis::ffi::recheck_reset();
+    }
     let mut section = ctx.builder().add_section("fills");
     for (name, value) in stats::STATS.fields() {
         section = section.field(name, value)?;

@@ -579,3 +579,51 @@ def test_failure_memory_keeps_a_refused_input_an_error_element(f, upstream):
     # Alone, it is answered without blocking or calling upstream at all.
     assert isinstance(fetch(f, "fmi", "POISON-1")[0], redis.ResponseError)
     assert upstream.calls() == calls + 1
+
+
+def test_a_429_with_a_long_body_still_carries_its_message(f, upstream):
+    # A 429 page longer than the 64 KB the module reads used to come back
+    # as "(no message)": the start of it is the message.
+    f.config_set("aicache.upstream-retries", 0)
+    upstream.fault("status", status=429, message="Rate limit reached " + "x" * 100_000)
+    with pytest.raises(redis.ResponseError) as e:
+        fetch(f, "long429", "a")
+    assert "HTTP 429: Rate limit reached xxx" in str(e.value), e.value
+    assert "(no message)" not in str(e.value)
+    upstream.fault("status", status=503, message="")
+    with pytest.raises(redis.ResponseError, match="HTTP 503: Service Unavailable"):
+        fetch(f, "long429", "b")
+
+
+def test_resetstat_is_seen_when_commands_follow_it_at_once_or_exec_runs_it(f, fserver):
+    def hits():
+        return info_fields(f)["hits"]
+
+    f.execute_command("EMBCACHE.SET", "rs2", "m", "t", "[1,2]")
+    f.execute_command("EMBCACHE.FETCH", "rs2", "m", 1, "t")
+    assert hits() > 0
+    # Pipelined: Redis's command count climbs back within the same turn.
+    sock = connect(fserver.port)
+    sock.sendall(resp("CONFIG", "RESETSTAT") + resp("PING") * 200)
+    want = b"+OK\r\n" + b"+PONG\r\n" * 200
+    got = b""
+    while len(got) < len(want):
+        got += sock.recv(65536)
+    assert got == want
+    assert hits() == 0
+    # Run by EXEC, where the filter only saw EXEC: INFO notices the reset.
+    f.execute_command("EMBCACHE.FETCH", "rs2", "m", 1, "t")
+    assert hits() == 1
+    p = f.pipeline(transaction=True)
+    p.execute_command("CONFIG", "RESETSTAT")
+    p.execute()
+    assert hits() == 0
+
+
+def test_a_script_serves_hits_whatever_the_tenant_source(f):
+    f.config_set("aicache.tenant-source", "user")
+    f.execute_command("EMBCACHE.SET", "scr", "m", "t", "[1,2]")
+    got = f.eval("return redis.call('EMBCACHE.FETCH', 'scr', 'm', 1, 't')", 1, "scr")
+    assert got == [f.execute_command("EMBCACHE.GET", "scr", "m", "t")]
+    with pytest.raises(redis.ResponseError, match="script or module call|cannot block"):
+        f.eval("return redis.call('EMBCACHE.FETCH', 'scr', 'm', 1, 'miss')", 1, "scr")

@@ -28,7 +28,10 @@ pub fn tenant(
 ) -> Result<Option<Vec<u8>>, RedisError> {
     let derived = match cfg.tenant_source.as_str() {
         "user" => ffi::user_name(ctx).ok_or_else(|| {
-            error("ERR aicache.tenant-source is user but this call has no ACL user (module call)")
+            error(
+                "ERR aicache.tenant-source is user but this call has no ACL user of its own \
+                 (a script or module call); run FETCH from the client",
+            )
         })?,
         "namespace" => ns.tag().to_vec(),
         _ => return Ok(given.map(<[u8]>::to_vec)),

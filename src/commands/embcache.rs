@@ -276,7 +276,6 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let model = model_arg(&args[2])?;
     let model_str =
         std::str::from_utf8(model).map_err(|_| error("ERR model must be valid UTF-8"))?;
-    let tenant = tenant(ctx, &cfg, opts.tenant.as_deref(), &ns)?;
     // Duplicate texts share one slot, one fill and one upstream input.
     let mut slot_of: HashMap<Vec<u8>, usize> = HashMap::with_capacity(n);
     let mut entries: Vec<Entry> = Vec::new();
@@ -309,6 +308,12 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
             e.hit = ffi::with_string(ctx, &e.key, |v| v.filter(|v| is_fp32(v)).map(Arc::from))?;
         }
     }
+    // Only a call that misses is charged, so only it needs a tenant (and a
+    // script serving hits needs none).
+    let tenant = match entries.iter().any(|e| e.hit.is_none()) {
+        true => tenant(ctx, &cfg, opts.tenant.as_deref(), &ns)?,
+        false => None,
+    };
     let hit_inputs = order.iter().filter(|&&s| entries[s].hit.is_some()).count();
     STATS.hits.add(hit_inputs as u64);
     STATS.misses.add((n - hit_inputs) as u64);

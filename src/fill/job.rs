@@ -173,7 +173,7 @@ fn embed_part(
     });
     match answer {
         Ok(e) => {
-            spent.tokens += e.tokens;
+            spent.tokens = spent.tokens.saturating_add(e.tokens);
             spent.answered = true;
             STATS.tokens_prompt.add(e.tokens);
             STATS.tokens_total.add(e.tokens);

@@ -92,11 +92,12 @@ impl Resolver for BoundedResolver {
             return DefaultResolver::default().resolve(uri, config, unbounded(timeout));
         }
         let (reply, answer) = bounded(1);
+        let deadline = Instant::now().checked_add(*timeout.after);
         let lookup = Lookup {
             uri: uri.clone(),
             config: config.clone(),
             timeout: unbounded(timeout),
-            deadline: Instant::now().checked_add(*timeout.after),
+            deadline,
             reply,
         };
         self.tx
@@ -105,6 +106,12 @@ impl Resolver for BoundedResolver {
         match answer.recv_timeout(*timeout.after) {
             Ok(a) => a,
             Err(RecvTimeoutError::Timeout) => Err(ureq::Error::Timeout(timeout.reason)),
+            // Dropped at its deadline (a timeout), or the pool stopped.
+            Err(RecvTimeoutError::Disconnected)
+                if deadline.is_some_and(|d| Instant::now() >= d) =>
+            {
+                Err(ureq::Error::Timeout(timeout.reason))
+            }
             Err(RecvTimeoutError::Disconnected) => Err(ureq::Error::Io(std::io::Error::other(
                 "DNS resolver stopped",
             ))),

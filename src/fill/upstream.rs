@@ -19,6 +19,7 @@ use crate::stats::STATS;
 
 /// Longest piece of upstream error text passed on to clients.
 const MAX_UPSTREAM_MESSAGE: usize = 200;
+const NO_MESSAGE: &str = "(no message)";
 /// Error bodies are read only this far.
 const MAX_ERROR_BODY: u64 = 64 * 1024;
 
@@ -252,13 +253,20 @@ fn attempt(
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, crate::model::ttl::now_ms() / 1000));
-    let text = resp
-        .body_mut()
-        .with_config()
-        .limit(MAX_ERROR_BODY)
-        .read_to_vec()
-        .unwrap_or_default();
-    Err((Failure::Status(status, error_text(&text, key)), retry_after))
+    // The start of a long error page is still its message: read up to the
+    // cap rather than failing on a body longer than it.
+    let mut text = Vec::new();
+    let _ = std::io::Read::read_to_end(
+        &mut std::io::Read::take(resp.body_mut().as_reader(), MAX_ERROR_BODY),
+        &mut text,
+    );
+    let mut msg = error_text(&text, key);
+    if msg == NO_MESSAGE {
+        if let Some(reason) = resp.status().canonical_reason() {
+            msg = reason.to_string();
+        }
+    }
+    Err((Failure::Status(status, msg), retry_after))
 }
 
 fn classify(e: ureq::Error, budget_ms: u64) -> Failure {
@@ -282,6 +290,7 @@ pub fn error_text(body: &[u8], key: Option<&str>) -> String {
         .and_then(|e| e.get("message").or(Some(e)))
         .and_then(Value::as_str)
         .map(str::to_string)
+        .or_else(|| cut_message(body))
         .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
     let clean: String = scrub(&msg, key)
         .chars()
@@ -289,15 +298,38 @@ pub fn error_text(body: &[u8], key: Option<&str>) -> String {
         .take(MAX_UPSTREAM_MESSAGE)
         .collect();
     if clean.trim().is_empty() {
-        "(no message)".into()
+        NO_MESSAGE.into()
     } else {
         clean
     }
 }
 
+/// The `"message": "..."` of a JSON error body cut off at the read limit.
+fn cut_message(body: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(body);
+    let rest = text
+        .split_once("\"message\"")?
+        .1
+        .trim_start()
+        .strip_prefix(':')?;
+    let rest = rest.trim_start().strip_prefix('"')?;
+    let end = rest.find('"').unwrap_or(rest.len());
+    Some(rest[..end].to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cut_off_error_body_still_gives_its_message() {
+        let body = format!(
+            r#"{{"error": {{"message": "Rate limit reached {}"#,
+            "x".repeat(100)
+        );
+        assert!(error_text(body.as_bytes(), None).starts_with("Rate limit reached xxx"));
+        assert_eq!(error_text(b"<html>busy</html>", None), "<html>busy</html>");
+    }
 
     #[test]
     fn it_takes_the_message_from_an_openai_error_body() {

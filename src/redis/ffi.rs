@@ -307,7 +307,6 @@ pub fn on_shutdown(ctx: &Context, f: fn()) {
 /// compares, no allocation) and the next event-loop turn checks that
 /// Redis's own counters really were reset.
 pub fn on_resetstat(ctx: &Context, f: fn()) {
-    static HOOK: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
     extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
         let _ = catch_unwind(|| {
             // SAFETY: fctx is the live filter context; the arguments are
@@ -331,7 +330,7 @@ pub fn on_resetstat(ctx: &Context, f: fn()) {
             }
         });
     }
-    let _ = HOOK.set(f);
+    let _ = RESET_HOOK.set(f);
     // SAFETY: registering a filter with the live OnLoad context.
     unsafe {
         if let Some(register) = raw::RedisModule_RegisterCommandFilter {
@@ -344,22 +343,58 @@ pub fn on_resetstat(ctx: &Context, f: fn()) {
     }
 
     fn verify_reset() {
-        let field = c"total_commands_processed";
-        let Some(before) = crate::redis::blocked::server_stat(field) else {
-            return;
-        };
+        let before = reset_stats();
         crate::redis::blocked::after(
             0,
             Box::new(move || {
-                let now = crate::redis::blocked::server_stat(field).unwrap_or(u64::MAX);
-                if now < before {
-                    if let Some(f) = HOOK.get() {
-                        f();
-                    }
+                let now = reset_stats();
+                // Any of them going down means resetServerStats ran; several,
+                // because commands later in the same event-loop turn count up
+                // again.
+                let down = |(b, n): (&Option<u64>, &Option<u64>)| matches!((b, n), (Some(b), Some(n)) if n < b);
+                if before.iter().zip(&now).any(down) {
+                    fire_reset();
                 }
+                note_commands(now[0]);
             }),
         );
     }
+}
+
+/// Redis counters that CONFIG RESETSTAT sets back to zero.
+fn reset_stats() -> [Option<u64>; 3] {
+    use crate::redis::blocked::server_stat;
+    [
+        server_stat(c"total_commands_processed"),
+        server_stat(c"total_net_input_bytes"),
+        server_stat(c"total_connections_received"),
+    ]
+}
+
+static RESET_HOOK: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+/// `total_commands_processed` when last looked at.
+static LAST_COMMANDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn fire_reset() {
+    if let Some(f) = RESET_HOOK.get() {
+        f();
+    }
+}
+
+fn note_commands(now: Option<u64>) {
+    if let Some(n) = now {
+        LAST_COMMANDS.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Called from INFO: a reset the filter did not see (one run by EXEC)
+/// shows as Redis's command count below what it was at the last look.
+pub fn recheck_reset() {
+    let now = crate::redis::blocked::server_stat(c"total_commands_processed");
+    if now.is_some_and(|n| n < LAST_COMMANDS.load(std::sync::atomic::Ordering::Relaxed)) {
+        fire_reset();
+    }
+    note_commands(now);
 }
 
 /// Calls `f(Some(db))` after FLUSHDB, `f(None)` after FLUSHALL, SWAPDB and
