@@ -1,6 +1,7 @@
 //! Pure logic: no Redis types, no globals but a jitter RNG, time and
 //! randomness passed in. Everything here is unit-tested without a server.
 
+pub mod assemble;
 pub mod batch;
 pub mod canon;
 pub mod codec;
@@ -13,5 +14,6 @@ pub mod pins;
 pub mod quota;
 pub mod reply;
 pub mod retry;
+pub mod sse;
 pub mod ttl;
 pub mod window;
