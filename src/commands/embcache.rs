@@ -279,14 +279,15 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     // Duplicate texts share one slot, one fill and one upstream input.
     let mut slot_of: HashMap<Vec<u8>, usize> = HashMap::with_capacity(n);
     let mut entries: Vec<Entry> = Vec::new();
+    let mut texts: Vec<Cow<[u8]>> = Vec::new(); // the text of each entry
     let mut order = Vec::with_capacity(n);
     for (i, a) in args[4..4 + n].iter().enumerate() {
         let t = text_arg(&cfg, a).map_err(|e| at_text(e, i))?;
-        let Ok(text) = std::str::from_utf8(&t) else {
+        if std::str::from_utf8(&t).is_err() {
             return Err(error(format!(
                 "ERR text {i} is not valid UTF-8 and cannot be sent upstream"
             )));
-        };
+        }
         let key = match opts.dims {
             Some(d) => ns.embedding_key_dims(model, d, &t),
             None => ns.embedding_key(model, &t),
@@ -295,17 +296,26 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         let slot = *slot_of.entry(key.clone()).or_insert_with(|| {
             entries.push(Entry {
                 key,
-                input: text.to_string(),
+                input: String::new(),
                 tokens: estimate_tokens(t.len()),
                 hit: None,
             });
             next
         });
+        if slot == next {
+            texts.push(t);
+        }
         order.push(slot);
     }
     if !opts.refresh {
         for e in entries.iter_mut() {
             e.hit = ffi::with_string(ctx, &e.key, |v| v.filter(|v| is_fp32(v)).map(Arc::from))?;
+        }
+    }
+    // Only misses go upstream, so only they need their text as a String.
+    for (e, t) in entries.iter_mut().zip(&texts) {
+        if e.hit.is_none() {
+            e.input = String::from_utf8_lossy(t).into_owned();
         }
     }
     // Only a call that misses is charged, so only it needs a tenant (and a
