@@ -2,7 +2,7 @@
 //! of truth; commands read them through [`Settings::snapshot`] once per call.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use redis_module::configuration::ConfigurationContext;
 use redis_module::{ConfigurationValue, RedisError, RedisString};
@@ -134,7 +134,9 @@ impl ConfigurationValue<i64> for Bounded {
 
 /// A string config with a validator run on every value, load time included.
 pub struct Checked {
-    value: Mutex<Option<String>>,
+    /// None until first read or set; then shared, so reading it per
+    /// command copies a pointer, not the text.
+    value: Mutex<Option<Arc<str>>>,
     default: &'static str,
     check: fn(&str) -> Result<(), String>,
     /// What Redis reads: owned here, so `CONFIG GET` allocates nothing.
@@ -151,15 +153,19 @@ impl Checked {
         }
     }
 
+    pub fn value(&self) -> Arc<str> {
+        let mut v = self.value.lock().unwrap_or_else(|e| e.into_inner());
+        v.get_or_insert_with(|| Arc::from(self.default)).clone()
+    }
+
     pub fn get_string(&self) -> String {
-        let v = self.value.lock().unwrap_or_else(|e| e.into_inner());
-        v.clone().unwrap_or_else(|| self.default.to_string())
+        self.value().to_string()
     }
 }
 
 impl ConfigurationValue<RedisString> for Checked {
     fn get(&self, _ctx: &ConfigurationContext) -> RedisString {
-        self.shown.get(&self.get_string())
+        self.shown.get(&self.value())
     }
 
     fn set(&self, _ctx: &ConfigurationContext, val: RedisString) -> Result<(), RedisError> {
@@ -173,7 +179,7 @@ impl ConfigurationValue<RedisString> for Checked {
         let checked = std::panic::catch_unwind(|| (self.check)(s))
             .unwrap_or_else(|_| Err("internal error checking the value".into()));
         checked.map_err(RedisError::String)?;
-        *self.value.lock().unwrap_or_else(|e| e.into_inner()) = Some(s.to_string());
+        *self.value.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::from(s));
         Ok(())
     }
 }
@@ -274,7 +280,7 @@ fn check_tenant_source(s: &str) -> Result<(), String> {
 
 /// One consistent view of the configs for the length of a command.
 pub struct Settings {
-    pub prefix: String,
+    pub prefix: Arc<str>,
     pub default_ttl_secs: u64,
     pub jitter_pct: u64,
     pub max_text_bytes: usize,
@@ -291,14 +297,14 @@ pub struct Settings {
     pub max_fills: usize,
     pub fail_memory_ms: u64,
     pub base64: bool,
-    pub tenant_source: String,
-    pub model_dims: String,
+    pub tenant_source: Arc<str>,
+    pub model_dims: Arc<str>,
 }
 
 impl Settings {
     pub fn snapshot() -> Settings {
         Settings {
-            prefix: KEY_PREFIX.get_string(),
+            prefix: KEY_PREFIX.value(),
             default_ttl_secs: DEFAULT_TTL.get_u64(),
             jitter_pct: TTL_JITTER_PCT.get_u64(),
             max_text_bytes: MAX_TEXT_BYTES.get_u64() as usize,
@@ -315,8 +321,8 @@ impl Settings {
             max_fills: MAX_FILLS.get_u64() as usize,
             fail_memory_ms: FAIL_MEMORY_MS.get_u64(),
             base64: UPSTREAM_BASE64.load(Ordering::Relaxed),
-            tenant_source: TENANT_SOURCE.get_string(),
-            model_dims: MODEL_DIMS.get_string(),
+            tenant_source: TENANT_SOURCE.value(),
+            model_dims: MODEL_DIMS.value(),
         }
     }
 
@@ -439,8 +445,8 @@ mod tests {
     #[test]
     fn settings_read_the_defaults() {
         let s = Settings::snapshot();
-        assert_eq!(s.prefix, DEFAULT_KEY_PREFIX);
-        assert_eq!(s.tenant_source, "arg");
+        assert_eq!(&*s.prefix, DEFAULT_KEY_PREFIX);
+        assert_eq!(&*s.tenant_source, "arg");
         assert_eq!(s.expiry(None).ttl_secs, 86_400);
         assert_eq!(s.expiry(Some(5)).ttl_secs, 5);
         assert_eq!(embeddings_url(), "https://api.openai.com/v1/embeddings");

@@ -26,7 +26,7 @@ pub fn tenant(
     given: Option<&[u8]>,
     ns: &Namespace,
 ) -> Result<Option<Vec<u8>>, RedisError> {
-    let derived = match cfg.tenant_source.as_str() {
+    let derived = match &*cfg.tenant_source {
         "user" => ffi::user_name(ctx).ok_or_else(|| {
             error(
                 "ERR aicache.tenant-source is user but this call has no ACL user of its own \
