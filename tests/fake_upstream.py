@@ -3,16 +3,29 @@
 POST /v1/embeddings        deterministic vectors: derived from (model, text),
                            dimension from the model name (`...-d<N>`, else 8)
                            or the request's `dimensions`
-POST /v1/chat/completions  a deterministic answer derived from the request
+POST /v1/chat/completions  a deterministic answer derived from the request; with
+                           "stream": true, the same answer as server-sent events
+                           (see stream_events)
 POST /_fault               JSON: {"kind": ..., "times": n, ...} (see FAULTS)
 POST /_latency             JSON: {"ms": n, "jitter_ms": j}: each API call sleeps
                            n + uniform(0, j) ms
 POST /_poison              JSON: {"marker": "POISON", "status": 400, "message": "..."}:
                            until /_reset, an embeddings request with any input
                            containing the marker fails as a whole with that status
-POST /_reset               clears faults, poison, latency and counters
-GET  /_stats               counters: calls, inputs per call, API connections opened,
-                           peak concurrency, Authorization headers seen, poisoned answers
+POST /_stream              JSON: {"chunks": n, "delay_ms": d}: streamed answers come in
+                           n content pieces (null: about 8 characters each) and
+                           wait d ms before every event after the first
+POST /_reset               clears faults, poison, latency, stream settings and counters
+GET  /_stats               counters: calls, streamed calls, inputs per call, API
+                           connections opened, peak concurrency, Authorization
+                           headers seen, poisoned answers
+
+Faults are taken from the queue by whichever API call comes next. One that
+does not apply to that call (an embeddings fault on a chat call, a stream_*
+fault on a non-streamed call, a non-stream chat fault on a streamed call) is
+used up and the call is answered normally, so a queue of faults can never
+stall on a kind no call consumes. Faults answered before any body is shaped
+(status, malformed, reset, ...) apply to streamed calls too.
 
 Run: python3 tests/fake_upstream.py --port 8089
 """
@@ -44,7 +57,23 @@ FAULTS = {
     "length",  # chat: finish_reason "length"
     "error_object",  # chat: 200 carrying an "error" object
     "empty_choices",  # chat: 200 with "choices": []
+    # Streamed chat calls only. A "content chunk" is one piece of the answer
+    # text (or of the tool call's arguments), not the opening role chunk.
+    "stream_disconnect",  # {"after": k}: k content chunks, then the connection closes
+                          # mid-body: no finish chunk, no [DONE], no end of chunked body
+    "stream_error_event",  # {"after": k}: k content chunks, then an `event: error` event
+                           # and a clean end of body (no finish chunk; [DONE] only if
+                           # {"done": true})
+    "stream_no_done",  # the whole stream but the `data: [DONE]` line; clean end of body
+    "stream_length",  # the finish chunk says "length" (cut off)
+    "stream_tool_calls",  # one tool call, its arguments in pieces, finish "tool_calls"
+    "stream_slow_first",  # {"ms": n}: headers at once, then n ms before the first chunk
 }
+
+# Stream pieces when /_stream sets no count: a few per answer, like tokens.
+STREAM_PIECE_CHARS = 8
+# A fixed `created`: answers stay byte-for-byte reproducible across runs.
+CREATED = 1700000000
 
 # What OpenAI answers when one input of a batch is too long. Like the real
 # message it names no input, so a client cannot tell which text is at fault.
@@ -59,6 +88,9 @@ class State:
 
     def reset(self):
         self.calls = {"embeddings": 0, "chat": 0}
+        self.stream_calls = 0  # chat calls with "stream": true, also counted in calls["chat"]
+        self.stream_chunks = None  # content pieces per streamed answer; None: by length
+        self.stream_delay_ms = 0
         self.inputs = []
         self.connections = 0
         self.active = 0
@@ -76,6 +108,7 @@ class State:
             return {
                 "calls": dict(self.calls),
                 "total_calls": sum(self.calls.values()),
+                "stream_calls": self.stream_calls,
                 "inputs": list(self.inputs),
                 "connections": self.connections,
                 "peak_concurrency": self.peak,
@@ -117,11 +150,20 @@ def model_dims(model):
     return int(m.group(1)) if m else REAL_DIMS.get(model, 8)
 
 
+def chat_digest(req):
+    return hashlib.sha256(json.dumps(req, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def chat_answer(req):
-    digest = hashlib.sha256(json.dumps(req, sort_keys=True).encode()).hexdigest()[:16]
+    """The non-streamed answer. Derived from the request exactly as received,
+    so `"stream": true` and `stream_options` change the text too: a streamed
+    call's text is chat_answer of the streamed request, not of its
+    non-streamed twin."""
+    digest = chat_digest(req)
     return {
         "id": "chatcmpl-" + digest,
         "object": "chat.completion",
+        "created": CREATED,
         "model": req.get("model", ""),
         "choices": [
             {
@@ -132,6 +174,71 @@ def chat_answer(req):
         ],
         "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
     }
+
+
+def split_pieces(text, count=None):
+    """text in count pieces of near-equal length (count None: about
+    STREAM_PIECE_CHARS each). More pieces than characters gives empty pieces,
+    which real upstreams send too, so a test can ask for a long stream."""
+    n = count or max(1, -(-len(text) // STREAM_PIECE_CHARS))
+    return [text[i * len(text) // n:(i + 1) * len(text) // n] for i in range(n)]
+
+
+def stream_events(req, fault=None, count=None):
+    """The SSE events of a streamed answer to req, each complete with its
+    blank line, and whether the body then ends cleanly (False: the
+    connection is to be dropped mid-body).
+
+    Shaped like OpenAI's: a role chunk, content chunks, a finish chunk, with
+    stream_options.include_usage a choices-less usage chunk (and "usage":
+    null on every other chunk), then `data: [DONE]`. Concatenating the
+    content deltas gives chat_answer(req)'s message content exactly."""
+    answer = chat_answer(req)
+    kind = fault["kind"] if fault else None
+    with_usage = bool((req.get("stream_options") or {}).get("include_usage"))
+
+    def chunk(choices, **extra):
+        obj = {"id": answer["id"], "object": "chat.completion.chunk", "created": answer["created"],
+               "model": answer["model"], "choices": choices, **extra}
+        if with_usage:
+            obj.setdefault("usage", None)
+        return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+    def delta(d, finish=None):
+        return chunk([{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}])
+
+    if kind == "stream_tool_calls":
+        digest = chat_digest(req)
+        first = {"role": "assistant", "content": None, "tool_calls": [
+            {"index": 0, "id": "call_" + digest, "type": "function",
+             "function": {"name": "lookup", "arguments": ""}}]}
+        pieces = [{"tool_calls": [{"index": 0, "function": {"arguments": p}}]}
+                  for p in split_pieces(json.dumps({"query": digest}), count)]
+        finish = "tool_calls"
+    else:
+        first = {"role": "assistant", "content": ""}
+        text = answer["choices"][0]["message"]["content"]
+        pieces = [{"content": p} for p in split_pieces(text, count)]
+        finish = "length" if kind == "stream_length" else "stop"
+
+    events = [delta(first)]
+    if kind in ("stream_disconnect", "stream_error_event"):
+        events += [delta(p) for p in pieces[:fault.get("after", 0)]]
+        if kind == "stream_disconnect":
+            return events, False
+        error = {"error": {"message": "The server had an error while processing your request.",
+                           "type": "server_error"}}
+        events.append(b"event: error\ndata: " + json.dumps(error).encode() + b"\n\n")
+        if fault.get("done"):
+            events.append(b"data: [DONE]\n\n")
+        return events, True
+    events += [delta(p) for p in pieces]
+    events.append(delta({}, finish))
+    if with_usage:
+        events.append(chunk([], usage=answer["usage"]))
+    if kind != "stream_no_done":
+        events.append(b"data: [DONE]\n\n")
+    return events, True
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -189,6 +296,14 @@ class Handler(BaseHTTPRequestHandler):
                                 "status": req.get("status", 400),
                                 "message": req.get("message") or POISON_MESSAGE}
             return self.send_json(200, {"ok": True})
+        if self.path == "/_stream":
+            req = json.loads(body)
+            chunks = req.get("chunks")
+            assert chunks is None or (isinstance(chunks, int) and chunks >= 1), req
+            with STATE.lock:
+                STATE.stream_chunks = chunks
+                STATE.stream_delay_ms = req.get("delay_ms", 0)
+            return self.send_json(200, {"ok": True})
         kind = {"/v1/embeddings": "embeddings", "/v1/chat/completions": "chat"}.get(self.path)
         if kind is None:
             return self.send_json(404, {"error": {"message": "no such endpoint"}})
@@ -207,6 +322,10 @@ class Handler(BaseHTTPRequestHandler):
             if latency:
                 time.sleep(latency / 1000.0)
             req = json.loads(body)
+            streamed = kind == "chat" and isinstance(req, dict) and req.get("stream") is True
+            if streamed:
+                with STATE.lock:
+                    STATE.stream_calls += 1
             # Before the fault queue, so a poisoned request never uses up a
             # fault meant for a healthy one.
             if kind == "embeddings" and poison and self.answer_poisoned(req, poison):
@@ -216,6 +335,8 @@ class Handler(BaseHTTPRequestHandler):
                 return
             if kind == "embeddings":
                 self.embeddings(req, fault)
+            elif streamed:
+                self.stream(req, fault)
             else:
                 self.chat(req, fault)
         finally:
@@ -314,6 +435,32 @@ class Handler(BaseHTTPRequestHandler):
         elif kind == "empty_choices":
             out["choices"] = []
         self.send_json(200, out)
+
+    def stream(self, req, fault):
+        """Sends stream_events(req) as one HTTP/1.1 chunk per event, so the
+        connection stays reusable after a clean end."""
+        kind = fault["kind"] if fault else None
+        with STATE.lock:
+            count, delay_ms = STATE.stream_chunks, STATE.stream_delay_ms
+        events, clean = stream_events(req, fault, count)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        # Headers already out: a client sees the answer start, then stall.
+        if kind == "stream_slow_first":
+            time.sleep(fault.get("ms", 0) / 1000.0)
+        for i, event in enumerate(events):
+            if i and delay_ms:
+                time.sleep(delay_ms / 1000.0)
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+        if clean:
+            self.wfile.write(b"0\r\n\r\n")
+        else:
+            # No terminating chunk: the server then closes the socket (FIN,
+            # not RST, so the chunks already sent still reach the client).
+            self.close_connection = True
 
 
 class Server(ThreadingHTTPServer):

@@ -222,6 +222,12 @@ class Upstream:
         """Each API call sleeps ms + uniform(0, jitter_ms)."""
         self._post("/_latency", {"ms": ms, "jitter_ms": jitter_ms})
 
+    def stream(self, chunks=None, delay_ms=0):
+        """Until reset(), streamed answers come in `chunks` content pieces
+        (None: about 8 characters each) and wait delay_ms before every SSE
+        event after the first."""
+        self._post("/_stream", {"chunks": chunks, "delay_ms": delay_ms})
+
     def poison(self, marker="POISON", status=400, message=None):
         """Until reset(), embeddings requests with an input containing marker fail
         as a whole with status and a message that does not name the input."""
