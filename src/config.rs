@@ -70,6 +70,10 @@ pub static DAILY_TOKEN_BUDGET: Bounded = Bounded::new(0, 0, 1 << 53);
 pub static TENANT_SOURCE: Checked = Checked::new(check_tenant_source, "arg");
 
 // Upstream HTTP.
+/// How long a generation's Stream stays readable after its last entry.
+pub static STREAM_LINGER_MS: Bounded = Bounded::new(60_000, 1, 86_400_000);
+/// Entries one Stream may hold; a longer generation ends with an error.
+pub static STREAM_MAX_ENTRIES: Bounded = Bounded::new(20_000, 2, 1 << 24);
 pub static CONNECT_TIMEOUT_MS: Bounded = Bounded::new(5_000, 1, 600_000);
 /// Whole attempt, body included: a slow-drip body cannot outlive it.
 pub static ATTEMPT_TIMEOUT_MS: Bounded = Bounded::new(30_000, 1, 3_600_000);
@@ -296,6 +300,8 @@ pub struct Settings {
     pub lease_ms: u64,
     pub max_fills: usize,
     pub fail_memory_ms: u64,
+    pub stream_linger_ms: u64,
+    pub stream_max_entries: u64,
     pub base64: bool,
     pub tenant_source: Arc<str>,
     pub model_dims: Arc<str>,
@@ -320,6 +326,8 @@ impl Settings {
             lease_ms: LEASE_MS.get_u64(),
             max_fills: MAX_FILLS.get_u64() as usize,
             fail_memory_ms: FAIL_MEMORY_MS.get_u64(),
+            stream_linger_ms: STREAM_LINGER_MS.get_u64(),
+            stream_max_entries: STREAM_MAX_ENTRIES.get_u64(),
             base64: UPSTREAM_BASE64.load(Ordering::Relaxed),
             tenant_source: TENANT_SOURCE.value(),
             model_dims: MODEL_DIMS.value(),

@@ -139,6 +139,9 @@ redis_module! {
         // write from workers, hence the write ACL category.
         ["embcache.fetch", commands::embcache_fetch, "readonly", 1, 1, 1, "", "write"],
         ["llmcache.fetch", commands::llmcache_fetch, "readonly", 1, 1, 1, "", "write"],
+        // STREAM starts fills like FETCH; READ may end an orphaned Stream.
+        ["llmcache.stream", commands::llmcache_stream, "readonly", 1, 1, 1, "", "write"],
+        ["llmcache.read", commands::llmcache_read, "readonly", 1, 1, 1, "", "read"],
         ["aicache.throttle", commands::aicache_throttle, "write deny-oom fast", 1, 1, 1, "", "write"],
         ["aicache.debug", commands::aicache_debug, "admin", 0, 0, 0, "", ""],
     ],
@@ -165,6 +168,8 @@ redis_module! {
             ["global-max-requests", &GLOBAL_MAX_REQUESTS, GLOBAL_MAX_REQUESTS.default, GLOBAL_MAX_REQUESTS.min, GLOBAL_MAX_REQUESTS.max, ConfigurationFlags::DEFAULT, None],
             ["global-max-tokens", &GLOBAL_MAX_TOKENS, GLOBAL_MAX_TOKENS.default, GLOBAL_MAX_TOKENS.min, GLOBAL_MAX_TOKENS.max, ConfigurationFlags::DEFAULT, None],
             ["daily-token-budget", &DAILY_TOKEN_BUDGET, DAILY_TOKEN_BUDGET.default, DAILY_TOKEN_BUDGET.min, DAILY_TOKEN_BUDGET.max, ConfigurationFlags::DEFAULT, None],
+            ["stream-linger-ms", &STREAM_LINGER_MS, STREAM_LINGER_MS.default, STREAM_LINGER_MS.min, STREAM_LINGER_MS.max, ConfigurationFlags::DEFAULT, None],
+            ["stream-max-entries", &STREAM_MAX_ENTRIES, STREAM_MAX_ENTRIES.default, STREAM_MAX_ENTRIES.min, STREAM_MAX_ENTRIES.max, ConfigurationFlags::DEFAULT, None],
             ["upstream-connect-timeout-ms", &CONNECT_TIMEOUT_MS, CONNECT_TIMEOUT_MS.default, CONNECT_TIMEOUT_MS.min, CONNECT_TIMEOUT_MS.max, ConfigurationFlags::DEFAULT, None],
             ["upstream-timeout-ms", &ATTEMPT_TIMEOUT_MS, ATTEMPT_TIMEOUT_MS.default, ATTEMPT_TIMEOUT_MS.min, ATTEMPT_TIMEOUT_MS.max, ConfigurationFlags::DEFAULT, None],
             ["upstream-max-bytes", &UPSTREAM_MAX_BYTES, UPSTREAM_MAX_BYTES.default, UPSTREAM_MAX_BYTES.min, UPSTREAM_MAX_BYTES.max, ConfigurationFlags::DEFAULT, None],

@@ -169,6 +169,7 @@ def chat_answer(req):
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": "answer " + digest},
+                "logprobs": None,
                 "finish_reason": "stop",
             }
         ],

@@ -38,6 +38,8 @@ DEFAULT_CONFIGS = {
     "aicache.global-max-requests": "0",
     "aicache.global-max-tokens": "0",
     "aicache.daily-token-budget": "0",
+    "aicache.stream-linger-ms": "60000",
+    "aicache.stream-max-entries": "20000",
     "aicache.upstream-connect-timeout-ms": "5000",
     "aicache.upstream-timeout-ms": "30000",
     "aicache.upstream-max-bytes": str(64 << 20),

@@ -5,7 +5,9 @@ use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
 use std::sync::Arc;
 
-use crate::commands::args::{check_len, ex_option, expire_at, fetch_options, namespace, tenant};
+use crate::commands::args::{
+    check_len, ex_option, expire_at, fetch_options, namespace, tenant, FetchOptions,
+};
 use crate::config::Settings;
 use crate::fill::call::Shape;
 use crate::fill::pipeline::{self, ChatSpec, Entry, Kind, Work};
@@ -16,7 +18,7 @@ use crate::stats::STATS;
 
 /// Validates `args[1]` (ns) and `args[2]` (request) and returns the entry key
 /// plus the request's effective temperature.
-fn request_key(cfg: &Settings, args: &[RedisString]) -> Result<(Vec<u8>, f64), RedisError> {
+pub fn request_key(cfg: &Settings, args: &[RedisString]) -> Result<(Vec<u8>, f64), RedisError> {
     let ns = namespace(cfg, &args[1])?;
     let body = args[2].as_slice();
     check_len(
@@ -108,15 +110,29 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     }
     let body = upstream_body(args[2].as_slice()).map_err(error)?;
     STATS.misses.incr();
-    let ns = namespace(&cfg, &args[1])?;
-    let tenant = tenant(ctx, &cfg, opts.tenant.as_deref(), &ns)?;
+    let work = chat_work(ctx, &cfg, &args, &opts, key, nostore, body)?;
+    pipeline::fetch(ctx, work)
+}
+
+/// A chat fill of `key` with the request `body` as it goes upstream.
+pub fn chat_work(
+    ctx: &Context,
+    cfg: &Settings,
+    args: &[RedisString],
+    opts: &FetchOptions,
+    key: Vec<u8>,
+    nostore: bool,
+    body: Vec<u8>,
+) -> Result<Work, RedisError> {
+    let ns = namespace(cfg, &args[1])?;
+    let tenant = tenant(ctx, cfg, opts.tenant.as_deref(), &ns)?;
     let tokens = estimate_tokens(body.len()).saturating_add(max_output_tokens(&body));
     let spec = ChatSpec {
         url: crate::config::chat_url(),
         body,
         max_bytes: cfg.max_response_bytes,
     };
-    let work = Work {
+    Ok(Work {
         db: ffi::selected_db(ctx),
         kind: Kind::Chat(Arc::new(spec)),
         entries: vec![Entry {
@@ -134,8 +150,7 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         lease_ms: cfg.lease_ms,
         max_fills: cfg.max_fills,
         fail_memory_ms: cfg.fail_memory_ms,
-    };
-    pipeline::fetch(ctx, work)
+    })
 }
 
 /// The request's cap on output tokens, counted in the estimate (the prompt

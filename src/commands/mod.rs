@@ -5,6 +5,7 @@ pub mod args;
 pub mod debug;
 pub mod embcache;
 pub mod llmcache;
+pub mod stream;
 pub mod throttle;
 
 use redis_module::{Context, RedisResult, RedisString};
@@ -34,6 +35,8 @@ guarded! {
     llmcache_del => "LLMCACHE.DEL", llmcache::del;
     llmcache_key => "LLMCACHE.KEY", llmcache::key;
     llmcache_fetch => "LLMCACHE.FETCH", llmcache::fetch;
+    llmcache_stream => "LLMCACHE.STREAM", stream::stream;
+    llmcache_read => "LLMCACHE.READ", stream::read;
     aicache_throttle => "AICACHE.THROTTLE", throttle::throttle;
     aicache_debug => "AICACHE.DEBUG", debug::debug;
 }

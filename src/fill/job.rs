@@ -9,10 +9,12 @@ use std::time::Instant;
 use crate::fill::call::{FillError, FillResult};
 use crate::fill::pipeline::{ChatSpec, EmbedSpec, Expiry, Pending};
 use crate::fill::store::{Commit, Store};
+use crate::fill::streaming::{self, Target};
 use crate::fill::upstream::{Failure, Upstream};
 use crate::limits::spend::Bill;
 use crate::model::canon::validate_response;
 use crate::model::embed::{parse_response, request_body};
+use crate::model::frames::Frame;
 use crate::model::pins::check_answer;
 use crate::stats::STATS;
 
@@ -25,6 +27,12 @@ pub enum Task {
     Chat {
         spec: Arc<ChatSpec>,
         key: Vec<u8>,
+    },
+    /// A streamed chat fill: chunks go to `target` as they arrive.
+    Stream {
+        spec: Arc<ChatSpec>,
+        key: Vec<u8>,
+        target: Target,
     },
 }
 
@@ -56,12 +64,23 @@ impl Job {
         self.pending.fail(msg);
     }
 
+    /// The Stream this job writes, if any.
+    pub fn stream_target(&self) -> Option<Target> {
+        match &self.task {
+            Task::Stream { target, .. } => Some(target.clone()),
+            _ => None,
+        }
+    }
+
     pub fn run(self, up: &dyn Upstream, store: &dyn Store) {
         if Instant::now() >= self.deadline {
             let waited = self.queued.elapsed().as_millis();
             let f = Failure::QueueExpired(waited as u64);
             f.count();
             self.bill.refund();
+            if let Task::Stream { target, .. } = &self.task {
+                target.end(store, Vec::new(), Frame::Error(f.message()));
+            }
             return self.pending.fail(&f.message());
         }
         match &self.task {
@@ -73,9 +92,21 @@ impl Job {
             }
             Task::Chat { spec, key } => {
                 let (result, spent) = chat(up, store, &self, spec, key);
+                // A Stream that joined this plain fill gets its answer
+                // replayed, before the fill ends and stops owning it.
+                if let Some(stream) = self.pending.close() {
+                    let linger = crate::config::STREAM_LINGER_MS.get_u64();
+                    let t = Target::new(self.db, stream, linger, 0, u64::MAX);
+                    streaming::replay_into(store, &t, &result);
+                }
                 self.bill
                     .settle(spent.requests, spent.tokens, spent.answered);
                 self.pending.finish(vec![result], true);
+            }
+            Task::Stream { spec, key, target } => {
+                let s = streaming::run(up, store, spec, target, key, self.deadline, self.expiry);
+                self.bill.settle(1, s.tokens, s.answered);
+                self.pending.finish(vec![s.result], true);
             }
         }
     }

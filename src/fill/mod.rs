@@ -9,7 +9,11 @@ pub mod pipeline;
 pub mod pool;
 pub mod resolve;
 pub mod store;
+pub mod streaming;
+pub mod streams;
 pub mod upstream;
 
+#[cfg(test)]
+mod stream_tests;
 #[cfg(test)]
 mod tests;

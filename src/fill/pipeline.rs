@@ -84,7 +84,7 @@ impl Work {
 
     /// The single-flight key: a fill stores into one DB, and NOSTORE
     /// fills store nothing, so only calls that would store alike share.
-    fn fill_key(&self, slot: usize) -> Vec<u8> {
+    pub(crate) fn fill_key(&self, slot: usize) -> Vec<u8> {
         let mut k = self.entries[slot].key.clone();
         k.extend_from_slice(&self.db.to_be_bytes());
         k.push(u8::from(self.expiry.is_none()));
@@ -102,11 +102,11 @@ static REGISTRY: LazyLock<Mutex<Registry<Waiter>>> =
 static FAILURES: LazyLock<Mutex<FailMemory>> =
     LazyLock::new(|| Mutex::new(FailMemory::new(65_536)));
 
-fn registry() -> MutexGuard<'static, Registry<Waiter>> {
+pub(crate) fn registry() -> MutexGuard<'static, Registry<Waiter>> {
     REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn failures() -> MutexGuard<'static, FailMemory> {
+pub(crate) fn failures() -> MutexGuard<'static, FailMemory> {
     FAILURES.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -254,7 +254,7 @@ pub fn start(
     Ok(Started::Jobs(jobs))
 }
 
-fn failing_fast(msg: &str) -> String {
+pub(crate) fn failing_fast(msg: &str) -> String {
     let msg = msg.trim_start_matches("ERR ");
     format!("ERR {msg} (failing fast: the same fill failed within aicache.fail-memory-ms)")
 }
@@ -338,7 +338,7 @@ pub struct Pending {
 }
 
 impl Pending {
-    fn new(ids: Vec<u64>, fill_keys: Vec<Vec<u8>>, fail_memory_ms: u64) -> Self {
+    pub(crate) fn new(ids: Vec<u64>, fill_keys: Vec<Vec<u8>>, fail_memory_ms: u64) -> Self {
         Pending {
             ids,
             fill_keys,
@@ -360,6 +360,13 @@ impl Pending {
         }
         let ids = std::mem::take(&mut self.ids);
         complete(ids.into_iter().zip(results));
+    }
+
+    /// Stops the fills taking joiners; returns a Stream that joined one,
+    /// which must get the result before [`Pending::finish`].
+    pub fn close(&self) -> Option<Arc<[u8]>> {
+        let mut reg = registry();
+        self.ids.iter().find_map(|&id| reg.close(id))
     }
 
     /// The jobs now answer for these fills.
@@ -428,18 +435,25 @@ fn complete(results: impl Iterator<Item = (u64, FillResult)>) {
 /// Queues every job; a refused job fails its fills with the reason.
 pub fn submit(jobs: Vec<Job>) {
     for job in jobs {
-        if let Err(refused) = pool::submit(job) {
-            let (job, why) = *refused;
-            let msg = match why {
-                Refused::Full(n) => {
-                    STATS.queue_full_errors.incr();
-                    format!("ERR upstream queue is full (aicache.queue-size {n}); try again later")
-                }
-                Refused::Stopped => "ERR aicache worker pool is not running".to_string(),
-            };
-            job.fail(&msg);
-        }
+        let _ = submit_one(job);
     }
+}
+
+/// Queues a job; when refused, fails its fills and returns the reason.
+pub fn submit_one(job: Job) -> Result<(), String> {
+    let Err(refused) = pool::submit(job) else {
+        return Ok(());
+    };
+    let (job, why) = *refused;
+    let msg = match why {
+        Refused::Full(n) => {
+            STATS.queue_full_errors.incr();
+            format!("ERR upstream queue is full (aicache.queue-size {n}); try again later")
+        }
+        Refused::Stopped => "ERR aicache worker pool is not running".to_string(),
+    };
+    job.fail(&msg);
+    Err(msg)
 }
 
 /// Shutdown: every waiter gets an error now.

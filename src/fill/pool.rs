@@ -71,14 +71,19 @@ fn work(rx: Receiver<Job>, agent: Agent) {
     };
     crate::fill::pipeline::mark_worker_thread();
     while let Ok(job) = rx.recv() {
-        if catch_unwind(AssertUnwindSafe(|| {
+        let target = job.stream_target();
+        let ran = catch_unwind(AssertUnwindSafe(|| {
             crate::redis::guard::maybe_panic(crate::redis::guard::Site::Worker);
             job.run(&up, &RedisStore)
-        }))
-        .is_err()
-            && !crate::fill::pipeline::take_panic_counted()
-        {
-            STATS.worker_panics.incr();
+        }));
+        if ran.is_err() {
+            if !crate::fill::pipeline::take_panic_counted() {
+                STATS.worker_panics.incr();
+            }
+            // Its readers must still see an end.
+            if let Some(t) = target {
+                let _ = catch_unwind(AssertUnwindSafe(|| t.abandon()));
+            }
         }
     }
 }

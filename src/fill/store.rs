@@ -5,6 +5,7 @@ use redis_module::ThreadSafeContext;
 
 use crate::fill::pins;
 use crate::fill::pipeline::Expiry;
+use crate::model::frames::{entry_id, Frame};
 use crate::model::ttl::{expire_at, now_ms, JITTER_RNG};
 use crate::redis::ffi::{self, Memory};
 use crate::stats::STATS;
@@ -20,10 +21,38 @@ pub struct Commit<'a> {
     pub expiry: Option<Expiry>,
 }
 
+/// Entries for a generation's Stream (LLMCACHE.STREAM).
+pub struct Append<'a> {
+    pub db: i32,
+    pub stream: &'a [u8],
+    /// Entry ids are `<start_ms>-<n>`; `frames[0]` is entry `first`.
+    pub start_ms: u64,
+    pub first: u64,
+    pub frames: &'a [Frame],
+    /// A key naming the Stream while it runs (replicas find it there):
+    /// set with the first entries, deleted with the end.
+    pub pointer: Option<&'a [u8]>,
+    /// Absolute expiry of the Stream after these entries.
+    pub expire_at_ms: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Appended {
+    Written,
+    /// Writes are paused here (CLIENT PAUSE, failover): nothing written,
+    /// try again.
+    Paused,
+}
+
 pub trait Store: Sync {
     /// Err: the results must not be returned (they do not fit the pin).
     /// Writes that this node may not make now are skipped, not errors.
     fn commit(&self, c: &Commit) -> Result<(), String>;
+
+    /// Appends to a Stream, all entries or none. Err: the Stream cannot
+    /// continue here (no longer a master, out of memory, not a Stream).
+    /// An end entry is written even over `maxmemory`, so readers end.
+    fn append(&self, a: &Append) -> Result<Appended, String>;
 }
 
 /// Redis, through a thread-safe context: the caller's DB, effects
@@ -72,6 +101,69 @@ impl Store for RedisStore {
         }
         Ok(())
     }
+
+    fn append(&self, a: &Append) -> Result<Appended, String> {
+        RedisStore::append_now(a)
+    }
+}
+
+/// Appends under one hold of the lock; each XADD carries its explicit id
+/// and the expiry is absolute, so replicas and the AOF hold the same
+/// Stream.
+fn append_locked(ctx: &redis_module::Context, a: &Append) -> Result<Appended, String> {
+    if !ffi::select_db(ctx, a.db) {
+        return Err("ERR the stream's DB cannot be selected".into());
+    }
+    match ffi::write_state(ctx) {
+        ffi::WriteState::Writable => {}
+        ffi::WriteState::Paused => return Ok(Appended::Paused),
+        ffi::WriteState::NotMaster => {
+            return Err("ERR this node stopped being a master during the stream".into())
+        }
+    }
+    let check_each = match ffi::memory(ctx) {
+        Memory::Over if a.frames.iter().any(|f| !f.is_end()) => {
+            STATS.writes_skipped.incr();
+            return Err("ERR out of memory (maxmemory): the stream was ended".into());
+        }
+        Memory::Strict => true,
+        _ => false,
+    };
+    let at = a.expire_at_ms.to_string();
+    let ends = a.frames.last().is_some_and(Frame::is_end);
+    if let Some(p) = a.pointer {
+        let _ = if ends {
+            ffi::call(ctx, "DEL", &[p], true, |_| ())
+        } else if a.first == 1 {
+            ffi::call(
+                ctx,
+                "SET",
+                &[p, a.stream, b"PXAT", at.as_bytes()],
+                true,
+                |_| (),
+            )
+        } else {
+            Ok(())
+        };
+    }
+    for (i, f) in a.frames.iter().enumerate() {
+        let id = entry_id(a.start_ms, a.first + i as u64);
+        let fields = f.fields();
+        let mut args: Vec<&[u8]> = vec![a.stream, id.as_bytes()];
+        args.extend(fields.iter().map(Vec::as_slice));
+        ffi::call_checked(ctx, "XADD", &args, true, check_each && !f.is_end(), |_| ())
+            .map_err(|e| format!("ERR the stream could not be written: {e:?}"))?;
+    }
+    let _ = ffi::call(ctx, "PEXPIREAT", &[a.stream, at.as_bytes()], true, |_| ());
+    Ok(Appended::Written)
+}
+
+impl RedisStore {
+    pub fn append_now(a: &Append) -> Result<Appended, String> {
+        let tsc = ThreadSafeContext::new();
+        let ctx = tsc.lock();
+        append_locked(&ctx, a)
+    }
 }
 
 #[cfg(test)]
@@ -85,11 +177,13 @@ pub mod mem {
 
     type Entries = HashMap<(i32, Vec<u8>), Vec<u8>>;
     type Pins = HashMap<(i32, Vec<u8>, Vec<u8>), usize>;
+    type Streams = HashMap<(i32, Vec<u8>), Vec<(String, Frame)>>;
 
     #[derive(Default)]
     pub struct MemStore {
         pub entries: Mutex<Entries>,
         pub pins: Mutex<Pins>,
+        pub streams: Mutex<Streams>,
         /// Writes this store refuses (a paused master), for tests.
         pub read_only: bool,
     }
@@ -115,6 +209,18 @@ pub mod mem {
                 }
             }
             Ok(())
+        }
+
+        fn append(&self, a: &Append) -> Result<Appended, String> {
+            if self.read_only {
+                return Ok(Appended::Paused);
+            }
+            let mut streams = self.streams.lock().unwrap();
+            let s = streams.entry((a.db, a.stream.to_vec())).or_default();
+            for (i, f) in a.frames.iter().enumerate() {
+                s.push((entry_id(a.start_ms, a.first + i as u64), f.clone()));
+            }
+            Ok(Appended::Written)
         }
     }
 }

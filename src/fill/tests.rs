@@ -13,7 +13,7 @@ use crate::fill::call::{Call, Shape};
 use crate::fill::job::Job;
 use crate::fill::pipeline::*;
 use crate::fill::store::mem::MemStore;
-use crate::fill::upstream::{Failure, Upstream};
+use crate::fill::upstream::{Failure, Sink, Upstream};
 use crate::model::reply::{Item, Reply};
 
 /// Embeddings of `dims` numbers derived from each text; refuses (400,
@@ -72,6 +72,10 @@ impl Upstream for Fake {
             .to_string()
             .into_bytes())
     }
+
+    fn stream(&self, _: &str, _: &[u8], _: Instant, _: &mut dyn Sink) -> Result<(), Failure> {
+        Err(Failure::Stopped)
+    }
 }
 
 fn work(texts: &[&str], store: bool) -> Work {
@@ -115,7 +119,7 @@ fn work(texts: &[&str], store: bool) -> Work {
     }
 }
 
-fn begin(w: Work) -> (Vec<Job>, Receiver<Reply>, Weak<Call>) {
+pub(super) fn begin(w: Work) -> (Vec<Job>, Receiver<Reply>, Weak<Call>) {
     let (tx, rx) = channel();
     let mut call = Weak::new();
     let Ok(Started::Jobs(jobs)) = start(w, 0, |c| {

@@ -15,6 +15,7 @@ use crate::fill::apikey;
 use crate::fill::resolve::BoundedResolver;
 use crate::model::errors::sanitize;
 use crate::model::retry::{parse_retry_after, Outcome, Policy};
+use crate::model::sse::{Event, Parser};
 use crate::stats::STATS;
 
 /// Longest piece of upstream error text passed on to clients.
@@ -41,6 +42,25 @@ pub trait Upstream {
     /// POSTs `body` to `url` with retries until it succeeds, fails for
     /// good, or `deadline` passes. Returns the 200 response body.
     fn post(&self, url: &str, body: &[u8], deadline: Instant) -> Result<Vec<u8>, Failure>;
+
+    /// POSTs a streamed request and hands `sink` each batch of events as
+    /// it arrives, until the sink says it is done. An attempt is retried
+    /// only while the sink has taken nothing.
+    fn stream(
+        &self,
+        url: &str,
+        body: &[u8],
+        deadline: Instant,
+        sink: &mut dyn Sink,
+    ) -> Result<(), Failure>;
+}
+
+/// Where a streamed answer's events go.
+pub trait Sink {
+    /// Takes events; Ok(true) once the stream is complete.
+    fn events(&mut self, events: Vec<Event>) -> Result<bool, Failure>;
+    /// True once anything was taken: from then on there is no retry.
+    fn started(&self) -> bool;
 }
 
 /// The HTTP upstream: a shared keep-alive agent and the stop flag.
@@ -51,7 +71,29 @@ pub struct Http {
 
 impl Upstream for Http {
     fn post(&self, url: &str, body: &[u8], deadline: Instant) -> Result<Vec<u8>, Failure> {
-        post(&self.agent, url, body, deadline, self.stopping)
+        let key = apikey::current().map_err(Failure::Credentials)?;
+        retrying(deadline, self.stopping, &|| false, &mut |budget| {
+            attempt(&self.agent, url, body, key.as_deref(), budget)
+        })
+    }
+
+    fn stream(
+        &self,
+        url: &str,
+        body: &[u8],
+        deadline: Instant,
+        sink: &mut dyn Sink,
+    ) -> Result<(), Failure> {
+        let key = apikey::current().map_err(Failure::Credentials)?;
+        let sink = std::cell::RefCell::new(sink);
+        let started = || sink.borrow().started();
+        retrying(deadline, self.stopping, &started, &mut |_| {
+            // The whole stream may use what is left of the lease; the
+            // per-attempt timeout bounds each silence instead.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut s = sink.borrow_mut();
+            stream_attempt(&self.agent, url, body, key.as_deref(), left, &mut **s)
+        })
     }
 }
 
@@ -70,6 +112,10 @@ pub enum Failure {
     Credentials(String),
     /// The job waited this many ms in the queue, past the fill's lease.
     QueueExpired(u64),
+    /// A stream broke off: an error event, no `[DONE]`, a cap reached.
+    Stream(String),
+    /// The Stream could not be written here: the message as is.
+    Store(String),
     Stopped,
 }
 
@@ -95,11 +141,12 @@ impl Failure {
             }
             Failure::Request(e) => format!("ERR upstream request could not be built: {e}"),
             Failure::Invalid(e) => format!("ERR upstream returned an invalid response: {e}"),
-            Failure::Credentials(e) => e.clone(),
+            Failure::Credentials(e) | Failure::Store(e) => e.clone(),
             Failure::QueueExpired(ms) => format!(
                 "ERR fill not started: it waited {ms} ms in the queue, past aicache.lease-ms \
                  (add workers or raise the lease)"
             ),
+            Failure::Stream(e) => format!("ERR upstream stream failed: {e}"),
             Failure::Stopped => "ERR aicache is shutting down".to_string(),
         };
         sanitize(&m)
@@ -122,8 +169,8 @@ impl Failure {
             Failure::Status(s, _) if *s >= 500 => &STATS.upstream_errors_http_5xx,
             Failure::Status(..) => &STATS.upstream_errors_http_4xx,
             Failure::TooLarge(_) => &STATS.upstream_errors_too_large,
-            Failure::Invalid(_) => &STATS.upstream_errors_invalid,
-            Failure::Stopped => return,
+            Failure::Invalid(_) | Failure::Stream(_) => &STATS.upstream_errors_invalid,
+            Failure::Stopped | Failure::Store(_) => return,
         };
         c.incr();
     }
@@ -154,21 +201,20 @@ fn ms(b: &Bounded) -> Duration {
     Duration::from_millis(b.get_u64())
 }
 
-/// POSTs `body` to `url` with retries until it succeeds, fails for good, or
-/// `deadline` passes. Returns the 200 response body.
-fn post(
-    agent: &Agent,
-    url: &str,
-    body: &[u8],
+/// Runs `attempt` with retries by the policy until it succeeds, fails for
+/// good, `deadline` passes, or `no_retry()` says a retry would repeat what
+/// was already delivered.
+fn retrying<T>(
     deadline: Instant,
     stopping: &AtomicBool,
-) -> Result<Vec<u8>, Failure> {
+    no_retry: &dyn Fn() -> bool,
+    attempt: &mut dyn FnMut(Duration) -> Result<T, AttemptError>,
+) -> Result<T, Failure> {
     let policy = Policy {
         retries: config::RETRIES.get_u64() as u32,
         base: ms(&config::BACKOFF_BASE_MS),
         cap: ms(&config::BACKOFF_CAP_MS),
     };
-    let key = apikey::current().map_err(Failure::Credentials)?;
     let mut retry = 0;
     loop {
         if stopping.load(Ordering::Relaxed) {
@@ -180,11 +226,14 @@ fn post(
             return Err(Failure::Timeout(0));
         }
         STATS.upstream_requests.incr();
-        let (failure, retry_after) = match attempt(agent, url, body, key.as_deref(), budget) {
-            Ok(bytes) => return Ok(bytes),
+        let (failure, retry_after) = match attempt(budget) {
+            Ok(v) => return Ok(v),
             Err(e) => e,
         };
         failure.count();
+        if no_retry() {
+            return Err(failure);
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         let wait = failure.outcome().and_then(|o| {
             policy.next_wait(
@@ -248,6 +297,12 @@ fn attempt(
             .read_to_vec()
             .map_err(|e| (classify(e, budget_ms), None));
     }
+    Err(status_error(&mut resp, key))
+}
+
+/// A non-200 answer as a failure, with the wait its Retry-After asks for.
+fn status_error(resp: &mut ureq::http::Response<ureq::Body>, key: Option<&str>) -> AttemptError {
+    let status = resp.status().as_u16();
     let retry_after = resp
         .headers()
         .get("retry-after")
@@ -266,7 +321,80 @@ fn attempt(
             msg = reason.to_string();
         }
     }
-    Err((Failure::Status(status, msg), retry_after))
+    (Failure::Status(status, msg), retry_after)
+}
+
+/// One streamed attempt: events go to `sink` as each read completes them,
+/// so nothing waits for a buffer to fill. A silence longer than the
+/// per-attempt timeout ends it, whether the socket is idle or drips bytes
+/// that complete no event.
+fn stream_attempt(
+    agent: &Agent,
+    url: &str,
+    body: &[u8],
+    key: Option<&str>,
+    left: Duration,
+    sink: &mut dyn Sink,
+) -> Result<(), AttemptError> {
+    let gap = ms(&config::ATTEMPT_TIMEOUT_MS).min(left);
+    let gap_ms = gap.as_millis() as u64;
+    let mut req = agent
+        .post(url)
+        .config()
+        .timeout_global(Some(left))
+        .timeout_per_read(Some(gap))
+        .timeout_connect(Some(ms(&config::CONNECT_TIMEOUT_MS).min(gap)))
+        .build()
+        .header("Content-Type", "application/json")
+        .header("Accept", "text/event-stream");
+    if let Some(k) = key {
+        req = req.header("Authorization", format!("Bearer {k}"));
+    }
+    let mut resp = req.send(body).map_err(|e| (classify(e, gap_ms), None))?;
+    if resp.status().as_u16() != 200 {
+        return Err(status_error(&mut resp, key));
+    }
+    let max = config::UPSTREAM_MAX_BYTES.get_u64();
+    let mut reader = resp.body_mut().with_config().limit(max).reader();
+    let mut parser = Parser::new(max.min(usize::MAX as u64) as usize);
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut last_event = Instant::now();
+    let fail = |f: Failure| (f, None);
+    loop {
+        let n = match std::io::Read::read(&mut reader, &mut buf) {
+            Ok(n) => n,
+            Err(e) => return Err(fail(read_error(e, gap_ms))),
+        };
+        let events = if n == 0 {
+            std::mem::replace(&mut parser, Parser::new(0)).finish()
+        } else {
+            parser.feed(&buf[..n])
+        }
+        .map_err(|e| fail(Failure::Stream(e)))?;
+        if !events.is_empty() {
+            last_event = Instant::now();
+            if sink.events(events).map_err(fail)? {
+                return Ok(());
+            }
+        } else if last_event.elapsed() > gap {
+            return Err(fail(Failure::Timeout(gap_ms)));
+        }
+        if n == 0 {
+            return Err(fail(Failure::Stream("it ended without [DONE]".into())));
+        }
+    }
+}
+
+/// A failed read of a streamed body.
+fn read_error(e: std::io::Error, gap_ms: u64) -> Failure {
+    if e.kind() == std::io::ErrorKind::TimedOut {
+        return Failure::Timeout(gap_ms);
+    }
+    match e.into_inner().map(|inner| inner.downcast::<ureq::Error>()) {
+        Some(Ok(u)) => classify(*u, gap_ms),
+        Some(Err(other)) => Failure::Connect(other.to_string()),
+        None => Failure::Connect("the connection failed mid-stream".into()),
+    }
 }
 
 fn classify(e: ureq::Error, budget_ms: u64) -> Failure {

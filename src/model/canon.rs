@@ -168,6 +168,22 @@ pub fn upstream_body(body: &[u8]) -> Result<Vec<u8>, String> {
     serde_json::to_vec(&obj).map_err(|_| bad("cannot be serialised"))
 }
 
+/// The request body of a streamed fill: the caller's request with
+/// `stream: true` and usage reported at the end (the spend limits settle
+/// from it). The caller's other stream options are kept.
+pub fn upstream_stream_body(body: &[u8]) -> Result<Vec<u8>, String> {
+    let mut obj: Map<String, Value> =
+        serde_json::from_slice(body).map_err(|_| bad("is not a JSON object"))?;
+    let mut options = match obj.remove("stream_options") {
+        Some(Value::Object(o)) => o,
+        _ => Map::new(),
+    };
+    options.insert("include_usage".into(), Value::Bool(true));
+    obj.insert("stream".into(), Value::Bool(true));
+    obj.insert("stream_options".into(), Value::Object(options));
+    serde_json::to_vec(&obj).map_err(|_| bad("cannot be serialised"))
+}
+
 /// Token counts from a response's `usage`, zero when absent.
 #[derive(Debug, Default, PartialEq, Eq, Clone, Copy)]
 pub struct Usage {
@@ -368,6 +384,19 @@ mod tests {
         ] {
             assert!(canonical_request(bad.as_bytes()).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_streamed_fill_always_asks_for_usage() {
+        let body = upstream_stream_body(
+            br#"{"model":"m","messages":[],"stream":false,"stream_options":{"x":1,"include_usage":false}}"#,
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["stream"], Value::Bool(true));
+        assert_eq!(v["stream_options"]["include_usage"], Value::Bool(true));
+        assert_eq!(v["stream_options"]["x"], 1);
+        assert!(upstream_stream_body(b"[]").is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! waiters, which is why waiters belong to a fill id and not to a key.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Join {
@@ -22,11 +23,22 @@ struct Fill<W> {
     key: Vec<u8>,
     started_ms: u64,
     waiters: Vec<W>,
+    /// The Redis Stream its chunks go to (LLMCACHE.STREAM).
+    stream: Option<Arc<[u8]>>,
+    /// Its result is being delivered: nobody may join any more.
+    closed: bool,
+}
+
+impl<W> Fill<W> {
+    fn joinable(&self, now_ms: u64, lease_ms: u64) -> bool {
+        !self.closed && now_ms.saturating_sub(self.started_ms) < lease_ms
+    }
 }
 
 pub struct Registry<W> {
     by_key: HashMap<Vec<u8>, u64>,
     fills: HashMap<u64, Fill<W>>,
+    by_stream: HashMap<Arc<[u8]>, u64>,
     next_id: u64,
     capacity: usize,
     lease_ms: u64,
@@ -37,6 +49,7 @@ impl<W> Registry<W> {
         Registry {
             by_key: HashMap::new(),
             fills: HashMap::new(),
+            by_stream: HashMap::new(),
             next_id: 1,
             capacity,
             lease_ms,
@@ -62,19 +75,59 @@ impl<W> Registry<W> {
         self.by_key
             .get(key)
             .and_then(|id| self.fills.get(id))
-            .is_some_and(|f| now_ms.saturating_sub(f.started_ms) < self.lease_ms)
+            .is_some_and(|f| f.joinable(now_ms, self.lease_ms))
+    }
+
+    /// The live fill a caller of `key` would join, and its Stream.
+    pub fn live(&self, key: &[u8], now_ms: u64) -> Option<(u64, Option<Arc<[u8]>>)> {
+        let id = *self.by_key.get(key)?;
+        let f = self.fills.get(&id)?;
+        f.joinable(now_ms, self.lease_ms)
+            .then(|| (id, f.stream.clone()))
+    }
+
+    /// Gives fill `id` a Stream; false when the fill is gone or closed.
+    pub fn set_stream(&mut self, id: u64, stream: Arc<[u8]>) -> bool {
+        match self.fills.get_mut(&id) {
+            Some(f) if !f.closed && f.stream.is_none() => {
+                f.stream = Some(stream.clone());
+                self.by_stream.insert(stream, id);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// True while the fill writing `stream` runs (closed or not).
+    pub fn has_stream(&self, stream: &[u8]) -> bool {
+        self.by_stream.contains_key(stream)
+    }
+
+    /// Stops fill `id` taking joiners and returns its Stream, so the
+    /// result can be written there before [`Registry::complete`].
+    pub fn close(&mut self, id: u64) -> Option<Arc<[u8]>> {
+        let f = self.fills.get_mut(&id)?;
+        f.closed = true;
+        f.stream.clone()
     }
 
     /// Adds `waiter` to the live fill for `key`, or starts a new fill.
     pub fn join(&mut self, key: &[u8], now_ms: u64, waiter: W) -> Join {
         if let Some(&id) = self.by_key.get(key) {
             if let Some(fill) = self.fills.get_mut(&id) {
-                if now_ms.saturating_sub(fill.started_ms) < self.lease_ms {
+                if fill.joinable(now_ms, self.lease_ms) {
                     fill.waiters.push(waiter);
                     return Join::Wait(id);
                 }
             }
         }
+        self.open(key, now_ms, vec![waiter])
+    }
+
+    /// Starts a fill for `key` with these waiters (none: a Stream's fill,
+    /// which nobody waits on yet), replacing any fill that is no longer
+    /// joinable as the key's fill.
+    pub fn open(&mut self, key: &[u8], now_ms: u64, waiters: Vec<W>) -> Join {
         if self.fills.len() >= self.capacity {
             return Join::Full;
         }
@@ -86,7 +139,9 @@ impl<W> Registry<W> {
             Fill {
                 key: key.to_vec(),
                 started_ms: now_ms,
-                waiters: vec![waiter],
+                waiters,
+                stream: None,
+                closed: false,
             },
         );
         Join::Start(id)
@@ -101,12 +156,16 @@ impl<W> Registry<W> {
         if self.by_key.get(&fill.key) == Some(&id) {
             self.by_key.remove(&fill.key);
         }
+        if let Some(s) = &fill.stream {
+            self.by_stream.remove(s);
+        }
         fill.waiters
     }
 
     /// Ends every fill (module unload): all waiters, for a final reply.
     pub fn drain(&mut self) -> Vec<W> {
         self.by_key.clear();
+        self.by_stream.clear();
         self.fills.drain().flat_map(|(_, f)| f.waiters).collect()
     }
 }
@@ -157,6 +216,30 @@ mod tests {
         assert_eq!(r.join(b"k", 102, "new3"), Join::Wait(2));
         assert_eq!(r.complete(2), vec!["new", "new2", "new3"]);
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_stream_fill_is_joined_by_key_and_known_by_stream_until_it_completes() {
+        let mut r: Registry<&str> = Registry::new(10, 100);
+        let Join::Start(id) = r.open(b"k", 0, Vec::new()) else {
+            panic!()
+        };
+        let s: Arc<[u8]> = Arc::from(&b"stream-1"[..]);
+        assert!(r.set_stream(id, s.clone()));
+        assert!(
+            !r.set_stream(id, Arc::from(&b"other"[..])),
+            "one Stream per fill"
+        );
+        assert_eq!(r.live(b"k", 5), Some((id, Some(s.clone()))));
+        assert_eq!(r.join(b"k", 5, "fetch"), Join::Wait(id));
+        assert!(r.has_stream(b"stream-1"));
+        assert_eq!(r.close(id), Some(s));
+        assert_eq!(r.live(b"k", 6), None, "a closing fill takes no joiners");
+        assert!(r.has_stream(b"stream-1"), "still writing its end");
+        assert!(!r.set_stream(id, Arc::from(&b"late"[..])));
+        assert_eq!(r.complete(id), vec!["fetch"]);
+        assert!(!r.has_stream(b"stream-1"));
+        assert_eq!(r.live(b"k", 7), None);
     }
 
     #[test]

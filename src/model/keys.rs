@@ -129,11 +129,50 @@ impl<'a> Namespace<'a> {
         compose(self.prefix, "llm", self.tag, &d)
     }
 
+    /// Key of the Stream of one streamed generation: `<prefix>stream:v1:
+    /// {<tag>}:<ns digest>:<generation>`. The namespace digest lets READ
+    /// tell which namespace a Stream belongs to; the generation (unique
+    /// per fill) keeps a new generation from appending to an old Stream.
+    pub fn stream_key(&self, generation: &str) -> Vec<u8> {
+        let mut k = self.stream_prefix();
+        k.extend_from_slice(generation.as_bytes());
+        k
+    }
+
+    /// True when `key` names a Stream of this namespace.
+    pub fn owns_stream(&self, key: &[u8]) -> bool {
+        let prefix = self.stream_prefix();
+        key.strip_prefix(prefix.as_slice())
+            .is_some_and(is_generation)
+    }
+
+    fn stream_prefix(&self) -> Vec<u8> {
+        let d = digest_fields(&[b"stream:v1", self.ns]);
+        let mut k = compose(self.prefix, "stream", self.tag, &d[..16]);
+        k.push(b':');
+        k
+    }
+
     /// Key of the hash that pins each model's vector dimension in this namespace.
     pub fn dims_key(&self) -> Vec<u8> {
         let d = digest_fields(&[b"dims:v1", self.ns]);
         compose(self.prefix, "dims", self.tag, &d)
     }
+}
+
+/// A generation id: `<ms hex>-<counter hex>`, as [`generation`] makes.
+fn is_generation(g: &[u8]) -> bool {
+    let mut parts = g.split(|&b| b == b'-');
+    let hex = |p: Option<&[u8]>| {
+        p.is_some_and(|p| !p.is_empty() && p.len() <= 16 && p.iter().all(u8::is_ascii_hexdigit))
+    };
+    hex(parts.next()) && hex(parts.next()) && parts.next().is_none()
+}
+
+/// The generation id of a new Stream: the time and a process counter, so
+/// ids differ across module reloads and within one millisecond.
+pub fn generation(now_ms: u64, counter: u64) -> String {
+    format!("{now_ms:x}-{counter:x}")
 }
 
 /// Collapses every run of ASCII whitespace to one space and trims both ends.
@@ -261,6 +300,23 @@ mod tests {
         assert!(ns.dims_key().starts_with(b"p:dims:v1:{shop}:"));
         assert!(ns.llm_key(b"{}").starts_with(b"p:llm:v1:{shop}:"));
         assert_ne!(ns.llm_key(b"{}"), ns.llm_key(b"{ }"));
+    }
+
+    #[test]
+    fn stream_keys_belong_to_exactly_one_namespace() {
+        let a = Namespace::new("p:", b"{t}:a").unwrap();
+        let b = Namespace::new("p:", b"{t}:b").unwrap();
+        let k = a.stream_key(&generation(0x18c, 7));
+        assert!(k.starts_with(b"p:stream:v1:{t}:"));
+        assert!(k.ends_with(b":18c-7"));
+        assert!(a.owns_stream(&k));
+        assert!(!b.owns_stream(&k), "same tag, other namespace");
+        assert!(!a.owns_stream(&a.llm_key(b"{}")));
+        let mut bad = a.stream_key("zz-1");
+        assert!(!a.owns_stream(&bad));
+        bad = a.stream_key("1-2-3");
+        assert!(!a.owns_stream(&bad));
+        assert!(!a.owns_stream(&a.stream_key("-1")));
     }
 
     #[test]

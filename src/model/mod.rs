@@ -8,6 +8,7 @@ pub mod codec;
 pub mod embed;
 pub mod errors;
 pub mod failmem;
+pub mod frames;
 pub mod inflight;
 pub mod keys;
 pub mod pins;

@@ -138,6 +138,58 @@ pub fn reply_as_i64(reply: CallReply<'_>) -> i64 {
     }
 }
 
+/// Runs a read command and, when it answers a non-empty array, sends that
+/// array to the client as is. Returns the array's length (0: nothing sent).
+pub fn reply_if_entries(ctx: &Context, cmd: &str, args: &[&[u8]]) -> Result<usize, RedisError> {
+    let opts = CallOptionsBuilder::new().errors_as_replies().build();
+    let res: CallResult<'static> = ctx.call_ext(cmd, &opts, args);
+    match res {
+        Ok(CallReply::Array(a)) if a.len() > 0 => {
+            // SAFETY: the reply is alive until `a` drops, after this call;
+            // Redis copies it into the client's output.
+            unsafe {
+                if let Some(f) = raw::RedisModule_ReplyWithCallReply {
+                    f(ctx.ctx, a.get_raw());
+                }
+            }
+            Ok(a.len())
+        }
+        Ok(_) => Ok(0),
+        Err(e) => Err(error(String::from_utf8_lossy(e.as_bytes()))),
+    }
+}
+
+/// The id of a Stream's last entry and whether that entry is an end
+/// entry (its first field is `end`); None for a missing or empty key.
+pub fn last_stream_entry(ctx: &Context, key: &[u8]) -> Result<Option<(String, bool)>, RedisError> {
+    let opts = CallOptionsBuilder::new().errors_as_replies().build();
+    let args: [&[u8]; 5] = [key, b"+", b"-", b"COUNT", b"1"];
+    let res: CallResult<'static> = ctx.call_ext("XREVRANGE", &opts, &args);
+    let bytes = |r: Option<CallResult<'_>>| match r {
+        Some(Ok(CallReply::String(s))) => Some(s.as_bytes().to_vec()),
+        _ => None,
+    };
+    match res {
+        Ok(CallReply::Array(entries)) => {
+            let Some(Ok(CallReply::Array(entry))) = entries.get(0) else {
+                return Ok(None);
+            };
+            let Some(id) = bytes(entry.get(0)) else {
+                return Ok(None);
+            };
+            let first_field = match entry.get(1) {
+                Some(Ok(CallReply::Array(fields))) => bytes(fields.get(0)),
+                _ => None,
+            };
+            let is_end =
+                crate::model::frames::is_end_entry(&[first_field.as_deref().unwrap_or(b"")]);
+            Ok(Some((String::from_utf8_lossy(&id).into_owned(), is_end)))
+        }
+        Ok(_) => Ok(None),
+        Err(e) => Err(error(String::from_utf8_lossy(e.as_bytes()))),
+    }
+}
+
 /// Starts an array reply of `len` elements; the caller sends each one.
 pub fn reply_array(ctx: &Context, len: usize) {
     raw::reply_with_array(ctx.ctx, len as std::os::raw::c_long);
@@ -209,6 +261,27 @@ pub fn may_write(ctx: &Context) -> bool {
     // SAFETY: a getter, called with the Redis lock held.
     let avoid = unsafe { raw::RedisModule_AvoidReplicaTraffic.is_some_and(|f| f() != 0) };
     flags.contains(ContextFlags::MASTER) && !flags.contains(ContextFlags::READONLY) && !avoid
+}
+
+/// Whether a worker may write now, read under the lock.
+pub enum WriteState {
+    Writable,
+    /// CLIENT PAUSE WRITE or a failover in progress: wait.
+    Paused,
+    /// A replica, or read-only: never here.
+    NotMaster,
+}
+
+pub fn write_state(ctx: &Context) -> WriteState {
+    let flags = ctx.get_flags();
+    if !flags.contains(ContextFlags::MASTER) || flags.contains(ContextFlags::READONLY) {
+        return WriteState::NotMaster;
+    }
+    // SAFETY: a getter, called with the Redis lock held.
+    if unsafe { raw::RedisModule_AvoidReplicaTraffic.is_some_and(|f| f() != 0) } {
+        return WriteState::Paused;
+    }
+    WriteState::Writable
 }
 
 /// Memory state for a worker about to write, read under the lock.

@@ -4,3 +4,4 @@
 pub mod blocked;
 pub mod ffi;
 pub mod guard;
+pub mod keywait;
