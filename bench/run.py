@@ -20,6 +20,7 @@ from helpers import Server  # noqa: E402
 import fills  # noqa: E402
 import hardening  # noqa: E402
 import limits  # noqa: E402
+import streams  # noqa: E402
 
 M = b"text-embedding-3-small"
 DIMS = 1536
@@ -163,3 +164,4 @@ if __name__ == "__main__":
     print(fills.run())
     print(limits.run())
     print(hardening.run())
+    print(streams.run())

@@ -72,15 +72,31 @@ impl Job {
         }
     }
 
+    /// A Stream that joined this plain fill gets its answer replayed,
+    /// before the fill ends and stops owning it.
+    fn replay_to_stream(&self, store: &dyn Store, result: &FillResult) {
+        if let Some(stream) = self.pending.close() {
+            let linger = crate::config::STREAM_LINGER_MS.get_u64();
+            let t = Target::new(self.db, stream, linger, 0, u64::MAX);
+            streaming::replay_into(store, &t, result);
+        }
+    }
+
     pub fn run(self, up: &dyn Upstream, store: &dyn Store) {
         if Instant::now() >= self.deadline {
             let waited = self.queued.elapsed().as_millis();
             let f = Failure::QueueExpired(waited as u64);
             f.count();
-            self.bill.refund();
-            if let Task::Stream { target, .. } = &self.task {
-                target.end(store, Vec::new(), Frame::Error(f.message()));
+            match &self.task {
+                Task::Stream { target, .. } => {
+                    target.end(store, Vec::new(), Frame::Error(f.message()))
+                }
+                Task::Chat { .. } => {
+                    self.replay_to_stream(store, &Err(FillError::whole(&f.message())))
+                }
+                Task::Embed { .. } => {}
             }
+            self.bill.refund();
             return self.pending.fail(&f.message());
         }
         match &self.task {
@@ -92,13 +108,7 @@ impl Job {
             }
             Task::Chat { spec, key } => {
                 let (result, spent) = chat(up, store, &self, spec, key);
-                // A Stream that joined this plain fill gets its answer
-                // replayed, before the fill ends and stops owning it.
-                if let Some(stream) = self.pending.close() {
-                    let linger = crate::config::STREAM_LINGER_MS.get_u64();
-                    let t = Target::new(self.db, stream, linger, 0, u64::MAX);
-                    streaming::replay_into(store, &t, &result);
-                }
+                self.replay_to_stream(store, &result);
                 self.bill
                     .settle(spent.requests, spent.tokens, spent.answered);
                 self.pending.finish(vec![result], true);

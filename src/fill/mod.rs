@@ -2,6 +2,7 @@
 //! pool, the HTTP upstream and the writes back into Redis.
 
 pub mod apikey;
+pub mod appender;
 pub mod call;
 pub mod job;
 pub mod pins;

@@ -20,6 +20,7 @@ struct Pool {
     tx: Sender<Job>,
     threads: Vec<JoinHandle<()>>,
     resolvers: Vec<JoinHandle<()>>,
+    appender: JoinHandle<()>,
 }
 
 static POOL: Mutex<Option<Pool>> = Mutex::new(None);
@@ -33,6 +34,16 @@ fn pool() -> std::sync::MutexGuard<'static, Option<Pool>> {
 pub fn start(workers: usize, queue: usize) -> Result<(), String> {
     let (tx, rx) = bounded::<Job>(queue);
     let (resolver, resolvers) = crate::fill::resolve::start()?;
+    let appender = match crate::fill::appender::start() {
+        Ok(t) => t,
+        Err(e) => {
+            drop(resolver);
+            for t in resolvers {
+                let _ = t.join();
+            }
+            return Err(e);
+        }
+    };
     let agent = crate::fill::upstream::agent(workers, resolver);
     let mut threads = Vec::with_capacity(workers);
     for i in 0..workers {
@@ -48,7 +59,8 @@ pub fn start(workers: usize, queue: usize) -> Result<(), String> {
                 // still be running its code.
                 drop(tx);
                 drop(agent);
-                for t in threads.into_iter().chain(resolvers) {
+                crate::fill::appender::stop();
+                for t in threads.into_iter().chain(resolvers).chain([appender]) {
                     let _ = t.join();
                 }
                 return Err(format!("cannot start worker thread: {e}"));
@@ -60,6 +72,7 @@ pub fn start(workers: usize, queue: usize) -> Result<(), String> {
         tx,
         threads,
         resolvers,
+        appender,
     });
     Ok(())
 }
@@ -123,9 +136,10 @@ pub fn stop() {
     STOPPING.store(true, Ordering::Relaxed);
     let Some(p) = pool().take() else { return };
     drop(p.tx);
+    crate::fill::appender::stop();
     // Workers first: their agents hold the resolver's queue, and the
     // resolver threads end once the last of them is gone.
-    for t in p.threads.into_iter().chain(p.resolvers) {
+    for t in p.threads.into_iter().chain(p.resolvers).chain([p.appender]) {
         let _ = t.join();
     }
 }
@@ -137,4 +151,5 @@ pub fn halt() {
     if let Some(p) = pool().take() {
         drop(p.tx);
     }
+    crate::fill::appender::stop();
 }

@@ -103,14 +103,14 @@ impl Store for RedisStore {
     }
 
     fn append(&self, a: &Append) -> Result<Appended, String> {
-        RedisStore::append_now(a)
+        crate::fill::appender::append(a)
     }
 }
 
 /// Appends under one hold of the lock; each XADD carries its explicit id
 /// and the expiry is absolute, so replicas and the AOF hold the same
 /// Stream.
-fn append_locked(ctx: &redis_module::Context, a: &Append) -> Result<Appended, String> {
+pub fn append_locked(ctx: &redis_module::Context, a: &Append) -> Result<Appended, String> {
     if !ffi::select_db(ctx, a.db) {
         return Err("ERR the stream's DB cannot be selected".into());
     }
@@ -156,14 +156,6 @@ fn append_locked(ctx: &redis_module::Context, a: &Append) -> Result<Appended, St
     }
     let _ = ffi::call(ctx, "PEXPIREAT", &[a.stream, at.as_bytes()], true, |_| ());
     Ok(Appended::Written)
-}
-
-impl RedisStore {
-    pub fn append_now(a: &Append) -> Result<Appended, String> {
-        let tsc = ThreadSafeContext::new();
-        let ctx = tsc.lock();
-        append_locked(&ctx, a)
-    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 use std::os::raw::{c_int, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use redis_module::{raw, Context, RedisString};
 
@@ -99,4 +100,31 @@ extern "C" fn free_waiting(_: *mut raw::RedisModuleCtx, data: *mut c_void) {
             drop(unsafe { Box::from_raw(p.as_ptr()) });
         }
     }));
+}
+
+/// A wake-up is queued and has not run yet.
+static WAKE_PENDING: AtomicBool = AtomicBool::new(false);
+
+/// Wakes the event loop after a worker wrote a key that clients may be
+/// blocked on. Redis serves such clients in its next `beforeSleep`, but a
+/// write made under a thread-safe context does not wake a sleeping loop:
+/// without this, a blocked READ would wait for the next cron tick (up to
+/// 1000/hz ms). One pending wake-up covers every write before it runs.
+pub fn wake_main_thread() {
+    if WAKE_PENDING.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    // SAFETY: EventLoopAddOneShot is documented as thread-safe; the
+    // callback takes no data.
+    let queued = unsafe {
+        raw::RedisModule_EventLoopAddOneShot
+            .is_some_and(|f| f(Some(woken), std::ptr::null_mut()) == raw::REDISMODULE_OK as c_int)
+    };
+    if !queued {
+        WAKE_PENDING.store(false, Ordering::Release);
+    }
+}
+
+extern "C" fn woken(_: *mut c_void) {
+    WAKE_PENDING.store(false, Ordering::Release);
 }
