@@ -145,7 +145,8 @@ def test_module_unload_waits_for_blocked_clients_then_joins_the_pool(upstream):
                extra=["--enable-module-command", "yes"])
     try:
         c = s.client()
-        assert sorted(worker_threads(s.proc.pid)) == ["aicache-dns0", "aicache-dns1", "aicache-w0",
+        assert sorted(worker_threads(s.proc.pid)) == ["aicache-append", "aicache-dns0",
+                                                      "aicache-dns1", "aicache-w0",
                                                       "aicache-w1", "aicache-w2"]
         upstream.reset()
         upstream.latency(500)
