@@ -72,6 +72,8 @@ fn deinit(ctx: &Context) -> Status {
     if fill::pipeline::fills_in_flight() > 0
         || fill::pool::queue_depth() > 0
         || redis::blocked::live_timers() > 0
+        || fill::pool::busy() > 0
+        || redis::keywait::wake_pending()
     {
         ctx.log_warning("aicache: fills are still running; MODULE UNLOAD refused, try again");
         return Status::Err;

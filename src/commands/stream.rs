@@ -144,7 +144,9 @@ pub fn read(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         return Ok(RedisValue::NoReply);
     }
     let flags = ctx.get_flags();
-    if flags.contains(ContextFlags::MASTER) && !streams::is_live(stream) {
+    // Writes paused (CLIENT PAUSE, failover) or a replica: only wait.
+    let writable = matches!(ffi::write_state(ctx), ffi::WriteState::Writable);
+    if writable && !streams::is_live(stream) {
         // No fill here writes it: it has ended, or its fill is gone.
         match ffi::last_stream_entry(ctx, stream)? {
             None => {

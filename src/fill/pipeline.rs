@@ -390,6 +390,15 @@ thread_local! {
     static PANIC_COUNTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+thread_local! {
+    static ABANDONED: std::cell::RefCell<Vec<Arc<[u8]>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Streams of plain fills this thread abandoned since the last call.
+pub fn take_abandoned_streams() -> Vec<Arc<[u8]>> {
+    ABANDONED.with(|a| std::mem::take(&mut *a.borrow_mut()))
+}
+
 pub fn mark_worker_thread() {
     WORKER.with(|w| w.set(true));
 }
@@ -406,6 +415,12 @@ impl Drop for Pending {
             let worker = WORKER.with(std::cell::Cell::get);
             if worker && std::thread::panicking() && !PANIC_COUNTED.with(|c| c.replace(true)) {
                 STATS.worker_panics.incr();
+            }
+            // A Stream that joined an abandoned plain fill still needs its
+            // end; the pool writes it once the panic is caught (no I/O in a
+            // drop that may run while unwinding).
+            if let Some(stream) = self.close() {
+                ABANDONED.with(|a| a.borrow_mut().push(stream));
             }
             let ids = std::mem::take(&mut self.ids);
             let err = Err(FillError::whole(

@@ -84,6 +84,8 @@ fn work(rx: Receiver<Job>, agent: Agent) {
     };
     crate::fill::pipeline::mark_worker_thread();
     while let Ok(job) = rx.recv() {
+        BUSY.fetch_add(1, Ordering::AcqRel);
+        let db = job.db;
         let target = job.stream_target();
         let ran = catch_unwind(AssertUnwindSafe(|| {
             crate::redis::guard::maybe_panic(crate::redis::guard::Site::Worker);
@@ -94,10 +96,17 @@ fn work(rx: Receiver<Job>, agent: Agent) {
                 STATS.worker_panics.incr();
             }
             // Its readers must still see an end.
-            if let Some(t) = target {
-                let _ = catch_unwind(AssertUnwindSafe(|| t.abandon()));
-            }
+            let _ = catch_unwind(AssertUnwindSafe(|| {
+                if let Some(t) = target {
+                    t.abandon();
+                }
+                for s in crate::fill::pipeline::take_abandoned_streams() {
+                    let linger = crate::config::STREAM_LINGER_MS.get_u64();
+                    crate::fill::streaming::Target::new(db, s, linger, 0, u64::MAX).abandon();
+                }
+            }));
         }
+        BUSY.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -119,6 +128,13 @@ pub fn submit(job: Job) -> Result<(), Box<(Job, Refused)>> {
         }
         Err(TrySendError::Disconnected(job)) => Err(Box::new((job, Refused::Stopped))),
     }
+}
+
+/// Workers running a job now (including the clean-up after a panic).
+static BUSY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+pub fn busy() -> usize {
+    BUSY.load(Ordering::Acquire)
 }
 
 pub fn queue_depth() -> usize {

@@ -107,6 +107,11 @@ impl Store for RedisStore {
     }
 }
 
+/// True when a write checked against `maxmemory` would be refused now.
+fn oom_now(ctx: &redis_module::Context) -> bool {
+    ctx.get_flags().contains(redis_module::ContextFlags::OOM)
+}
+
 /// Appends under one hold of the lock; each XADD carries its explicit id
 /// and the expiry is absolute, so replicas and the AOF hold the same
 /// Stream.
@@ -121,14 +126,17 @@ pub fn append_locked(ctx: &redis_module::Context, a: &Append) -> Result<Appended
             return Err("ERR this node stopped being a master during the stream".into())
         }
     }
-    let check_each = match ffi::memory(ctx) {
-        Memory::Over if a.frames.iter().any(|f| !f.is_end()) => {
-            STATS.writes_skipped.incr();
-            return Err("ERR out of memory (maxmemory): the stream was ended".into());
-        }
-        Memory::Strict => true,
-        _ => false,
+    // One check per batch: a refusal half-way through would leave a
+    // partial batch and ids the next append could not follow.
+    let full = match ffi::memory(ctx) {
+        Memory::Over => true,
+        Memory::Strict => oom_now(ctx),
+        Memory::Fine => false,
     };
+    if full && a.frames.iter().any(|f| !f.is_end()) {
+        STATS.writes_skipped.incr();
+        return Err("ERR out of memory (maxmemory): the stream was ended".into());
+    }
     let at = a.expire_at_ms.to_string();
     let ends = a.frames.last().is_some_and(Frame::is_end);
     if let Some(p) = a.pointer {
@@ -151,7 +159,7 @@ pub fn append_locked(ctx: &redis_module::Context, a: &Append) -> Result<Appended
         let fields = f.fields();
         let mut args: Vec<&[u8]> = vec![a.stream, id.as_bytes()];
         args.extend(fields.iter().map(Vec::as_slice));
-        ffi::call_checked(ctx, "XADD", &args, true, check_each && !f.is_end(), |_| ())
+        ffi::call(ctx, "XADD", &args, true, |_| ())
             .map_err(|e| format!("ERR the stream could not be written: {e:?}"))?;
     }
     let _ = ffi::call(ctx, "PEXPIREAT", &[a.stream, at.as_bytes()], true, |_| ());

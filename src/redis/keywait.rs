@@ -125,6 +125,11 @@ pub fn wake_main_thread() {
     }
 }
 
+/// A queued wake-up names a function of this library: unload must wait.
+pub fn wake_pending() -> bool {
+    WAKE_PENDING.load(Ordering::Acquire)
+}
+
 extern "C" fn woken(_: *mut c_void) {
     WAKE_PENDING.store(false, Ordering::Release);
 }
