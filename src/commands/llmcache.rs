@@ -92,14 +92,12 @@ pub fn key(_ctx: &Context, args: Vec<RedisString>) -> RedisResult {
 
 /// LLMCACHE.FETCH ns request [TIMEOUT ms] [REFRESH] [NOSTORE] [EX seconds]
 pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-    if args.len() < 3 {
-        return Err(RedisError::WrongArity);
-    }
-    let cfg = Settings::snapshot();
-    let opts = fetch_options(&args[3..], false, 0)?;
-    let (key, temperature) = request_key(&cfg, &args)?;
-    // A sampled answer is still fetched for the caller, just not kept.
-    let nostore = opts.nostore || (temperature > 0.0 && !cfg.cache_sampled);
+    let FetchCall {
+        cfg,
+        opts,
+        key,
+        nostore,
+    } = FetchCall::parse(&args)?;
     if !opts.refresh {
         // Straight from the key's buffer, as LLMCACHE.GET does.
         let hit = ffi::with_string(ctx, &key, |v| v.map(|v| ffi::reply_bytes(ctx, v)))?;
@@ -112,6 +110,35 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     STATS.misses.incr();
     let work = chat_work(ctx, &cfg, &args, &opts, key, nostore, body)?;
     pipeline::fetch(ctx, work)
+}
+
+/// What FETCH and STREAM share: settings, options, entry key, and whether
+/// the answer is kept.
+pub struct FetchCall {
+    pub cfg: Settings,
+    pub opts: FetchOptions,
+    pub key: Vec<u8>,
+    pub nostore: bool,
+}
+
+impl FetchCall {
+    /// Parses `ns request [options]`.
+    pub fn parse(args: &[RedisString]) -> Result<FetchCall, RedisError> {
+        if args.len() < 3 {
+            return Err(RedisError::WrongArity);
+        }
+        let cfg = Settings::snapshot();
+        let opts = fetch_options(&args[3..], false, 0)?;
+        let (key, temperature) = request_key(&cfg, args)?;
+        // A sampled answer is still fetched for the caller, just not kept.
+        let nostore = opts.nostore || (temperature > 0.0 && !cfg.cache_sampled);
+        Ok(FetchCall {
+            cfg,
+            opts,
+            key,
+            nostore,
+        })
+    }
 }
 
 /// A chat fill of `key` with the request `body` as it goes upstream.

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use redis_module::{Context, ContextFlags, RedisError, RedisResult, RedisString, RedisValue};
 
-use crate::commands::args::{fetch_options, is_word, namespace, number, parse_u64, unknown_option};
-use crate::commands::llmcache::{chat_work, request_key};
+use crate::commands::args::{is_word, namespace, number, parse_u64, unknown_option};
+use crate::commands::llmcache::{chat_work, FetchCall};
 use crate::config::Settings;
 use crate::fill::pipeline;
 use crate::fill::streams::{self, StreamOpts, Streaming};
@@ -37,13 +37,12 @@ fn reply_pair(ctx: &Context, kind: &[u8], value: &[u8]) -> RedisValue {
 /// LLMCACHE.STREAM ns request [TIMEOUT ms] [REFRESH] [NOSTORE] [EX s] [TENANT id]
 /// Never blocks. Replies `["hit", response]` or `["stream", stream-key]`.
 pub fn stream(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-    if args.len() < 3 {
-        return Err(RedisError::WrongArity);
-    }
-    let cfg = Settings::snapshot();
-    let opts = fetch_options(&args[3..], false, 0)?;
-    let (key, temperature) = request_key(&cfg, &args)?;
-    let nostore = opts.nostore || (temperature > 0.0 && !cfg.cache_sampled);
+    let FetchCall {
+        cfg,
+        opts,
+        key,
+        nostore,
+    } = FetchCall::parse(&args)?;
     if !opts.refresh {
         let hit = ffi::with_string(ctx, &key, |v| v.map(|v| reply_pair(ctx, b"hit", v)))?;
         if let Some(sent) = hit {

@@ -41,6 +41,14 @@ impl Upstream for Scripted {
     }
 }
 
+fn scripted(batches: Vec<Vec<Event>>, then: Option<Failure>) -> Scripted {
+    Scripted {
+        batches,
+        then,
+        calls: AtomicU64::new(0),
+    }
+}
+
 fn data(v: Value) -> Event {
     Event::Data {
         name: None,
@@ -129,11 +137,7 @@ fn a_stream_is_appended_as_it_arrives_stored_and_joined_by_fetch_and_stream() {
     // A FETCH of the same request joins the streamed fill.
     let (jobs, rx, _) = super::tests::begin(chat_work("a", 100));
     assert!(jobs.is_empty(), "the FETCH started a second fill");
-    let up = Scripted {
-        batches: good(),
-        then: None,
-        calls: AtomicU64::new(0),
-    };
+    let up = scripted(good(), None);
     let store = MemStore::default();
     job.run(&up, &store);
     let got = frames(&store, "s-a");
@@ -156,11 +160,10 @@ fn a_failure_mid_stream_ends_it_with_the_error_and_stores_nothing() {
     else {
         panic!()
     };
-    let up = Scripted {
-        batches: good()[..2].to_vec(),
-        then: Some(Failure::Connect("reset by peer".into())),
-        calls: AtomicU64::new(0),
-    };
+    let up = scripted(
+        good()[..2].to_vec(),
+        Some(Failure::Connect("reset by peer".into())),
+    );
     let store = MemStore::default();
     job.run(&up, &store);
     let got = frames(&store, "s-b");
@@ -175,11 +178,7 @@ fn a_stream_longer_than_its_cap_ends_with_an_error() {
     else {
         panic!()
     };
-    let up = Scripted {
-        batches: good(),
-        then: None,
-        calls: AtomicU64::new(0),
-    };
+    let up = scripted(good(), None);
     let store = MemStore::default();
     job.run(&up, &store);
     let got = frames(&store, "s-c");

@@ -14,6 +14,15 @@ use serde_json::{json, Map, Value};
 
 use crate::model::canon::validate_response;
 
+/// Top-level fields a completion and its chunks share.
+pub const HEAD_FIELDS: [&str; 5] = [
+    "id",
+    "created",
+    "model",
+    "system_fingerprint",
+    "service_tier",
+];
+
 #[derive(Default)]
 struct Tool {
     id: Option<String>,
@@ -57,13 +66,7 @@ impl Assembler {
         if obj.get("error").is_some_and(|e| !e.is_null()) {
             return Err("the stream sent an error".into());
         }
-        for k in [
-            "id",
-            "created",
-            "model",
-            "system_fingerprint",
-            "service_tier",
-        ] {
+        for k in HEAD_FIELDS {
             if let Some(x) = obj.get(k).filter(|x| !x.is_null()) {
                 self.head.entry(k).or_insert_with(|| x.clone());
             }

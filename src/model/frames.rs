@@ -8,6 +8,8 @@
 
 use serde_json::{json, Map, Value};
 
+use crate::model::assemble::HEAD_FIELDS;
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
     Chunk(Vec<u8>),
@@ -48,11 +50,6 @@ impl Frame {
     pub fn is_end(&self) -> bool {
         !matches!(self, Frame::Chunk(_))
     }
-
-    /// Bytes the entry holds, for the Stream's byte cap.
-    pub fn size(&self) -> usize {
-        self.fields().iter().map(Vec::len).sum()
-    }
 }
 
 /// The id of entry `n` (from 1) of a Stream started at `start_ms`.
@@ -75,13 +72,7 @@ pub fn replay(completion: &[u8]) -> Result<Vec<Vec<u8>>, String> {
         return Err("a completion is not a JSON object".into());
     };
     let mut head = Map::new();
-    for k in [
-        "id",
-        "created",
-        "model",
-        "system_fingerprint",
-        "service_tier",
-    ] {
+    for k in HEAD_FIELDS {
         if let Some(x) = obj.get(k) {
             head.insert(k.into(), x.clone());
         }
