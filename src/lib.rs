@@ -35,7 +35,10 @@ fn init(ctx: &Context, _args: &[RedisString]) -> Status {
     }
     redis::ffi::on_shutdown(ctx, shutdown);
     redis::ffi::on_flush(ctx, fill::pins::forget_db);
-    redis::ffi::on_resetstat(ctx, || stats::STATS.reset());
+    redis::ffi::on_resetstat(ctx, || {
+        stats::STATS.reset();
+        stats::FILL_LATENCY.reset();
+    });
     log_key_source();
     Status::Ok
 }
@@ -103,6 +106,11 @@ fn info_section(ctx: &InfoContext, for_crash_report: bool) -> RedisResult<()> {
     for (name, value) in stats::STATS.fields() {
         section = section.field(name, value)?;
     }
+    for (name, value) in stats::FILL_LATENCY.fields() {
+        section = section.field(&name, value)?;
+    }
+    let running = stats::STREAMS_RUNNING.load(std::sync::atomic::Ordering::Relaxed);
+    section = section.field("streams_running", running)?;
     // A crash report may run on a thread that crashed holding these locks.
     if !for_crash_report {
         let (spent, left) = limits::spend::today();
@@ -144,6 +152,9 @@ redis_module! {
         // STREAM starts fills like FETCH; READ may end an orphaned Stream.
         ["llmcache.stream", commands::llmcache_stream, "readonly", 1, 1, 1, "", "write"],
         ["llmcache.read", commands::llmcache_read, "readonly", 1, 1, 1, "", "read"],
+        // FLUSH is O(1): it bumps the namespace's generation.
+        ["embcache.flush", commands::embcache_flush, "write", 1, 1, 1, "", "write"],
+        ["llmcache.flush", commands::llmcache_flush, "write", 1, 1, 1, "", "write"],
         ["aicache.throttle", commands::aicache_throttle, "write deny-oom fast", 1, 1, 1, "", "write"],
         ["aicache.debug", commands::aicache_debug, "admin", 0, 0, 0, "", ""],
     ],

@@ -46,6 +46,11 @@ macro_rules! counters {
 counters!(
     hits,
     misses,
+    emb_hits,
+    emb_misses,
+    llm_hits,
+    llm_misses,
+    tokens_saved,
     coalesced_waiters,
     fills_started,
     upstream_requests,
@@ -76,3 +81,84 @@ counters!(
     tokens_completion,
     tokens_total,
 );
+
+/// Upper bounds (ms) of the fill latency buckets, as Prometheus `le`.
+pub const LATENCY_BOUNDS_MS: [u64; 11] =
+    [10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000];
+
+/// Time from a worker taking a fill job to its upstream answer (retries
+/// and splits included, queue wait excluded): counts per bucket.
+pub struct Latency {
+    buckets: [Counter; LATENCY_BOUNDS_MS.len() + 1],
+    sum_ms: Counter,
+}
+
+pub static FILL_LATENCY: Latency = Latency {
+    buckets: [const { Counter::new() }; LATENCY_BOUNDS_MS.len() + 1],
+    sum_ms: Counter::new(),
+};
+
+impl Latency {
+    pub fn record(&self, ms: u64) {
+        let i = LATENCY_BOUNDS_MS
+            .iter()
+            .position(|&b| ms <= b)
+            .unwrap_or(LATENCY_BOUNDS_MS.len());
+        self.buckets[i].incr();
+        self.sum_ms.add(ms);
+    }
+
+    pub fn reset(&self) {
+        for b in &self.buckets {
+            b.0.store(0, Ordering::Relaxed);
+        }
+        self.sum_ms.0.store(0, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts as INFO fields (`fill_latency_le_<ms>`, then
+    /// `_le_inf`, `_count`, `_sum_ms`), so they map onto a Prometheus
+    /// histogram one to one.
+    pub fn fields(&self) -> Vec<(String, u64)> {
+        let mut total = 0;
+        let mut out = Vec::with_capacity(self.buckets.len() + 2);
+        for (i, b) in self.buckets.iter().enumerate() {
+            total += b.get();
+            let name = match LATENCY_BOUNDS_MS.get(i) {
+                Some(ms) => format!("fill_latency_le_{ms}"),
+                None => "fill_latency_le_inf".to_string(),
+            };
+            out.push((name, total));
+        }
+        out.push(("fill_latency_count".to_string(), total));
+        out.push(("fill_latency_sum_ms".to_string(), self.sum_ms.get()));
+        out
+    }
+}
+
+/// Streamed generations running now (a gauge: not reset by RESETSTAT).
+pub static STREAMS_RUNNING: AtomicU64 = AtomicU64::new(0);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_are_cumulative_and_bounds_inclusive() {
+        let l = Latency {
+            buckets: [const { Counter::new() }; LATENCY_BOUNDS_MS.len() + 1],
+            sum_ms: Counter::new(),
+        };
+        for ms in [0, 10, 11, 30_000, 30_001] {
+            l.record(ms);
+        }
+        let f: std::collections::HashMap<String, u64> = l.fields().into_iter().collect();
+        assert_eq!(f["fill_latency_le_10"], 2);
+        assert_eq!(f["fill_latency_le_25"], 3);
+        assert_eq!(f["fill_latency_le_30000"], 4);
+        assert_eq!(f["fill_latency_le_inf"], 5);
+        assert_eq!(f["fill_latency_count"], 5);
+        assert_eq!(f["fill_latency_sum_ms"], 60_022);
+        l.reset();
+        assert_eq!(l.fields()[0].1, 0);
+    }
+}

@@ -3,16 +3,61 @@
 
 use std::ops::Deref;
 
-use redis_module::{Context, RedisError, RedisString};
+use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
 use crate::config::Settings;
 use crate::model::errors::describe;
-use crate::model::keys::Namespace;
+use crate::model::keys::{
+    model_generation_field, Generations, Namespace, EMB_GENERATION_FIELD, LLM_GENERATION_FIELD,
+};
 use crate::model::ttl::{now_ms, parse_ex, JITTER_RNG};
 use crate::redis::ffi::{self, error};
 
 pub fn namespace<'a>(cfg: &'a Settings, arg: &'a RedisString) -> Result<Namespace<'a>, RedisError> {
     Namespace::new(&cfg.prefix, arg.as_slice()).map_err(|e| error(e.message()))
+}
+
+/// The namespace at its current flush generations, for commands that
+/// derive entry keys; `model` is the embedding model (None for chat).
+pub fn namespace_at<'a>(
+    ctx: &Context,
+    cfg: &'a Settings,
+    arg: &'a RedisString,
+    model: Option<&[u8]>,
+) -> Result<Namespace<'a>, RedisError> {
+    let mut ns = namespace(cfg, arg)?;
+    let key = ns.generations_key();
+    // Most namespaces are never flushed: an existence check is cheaper
+    // than HMGET through RM_Call.
+    if !ffi::key_exists(ctx, &key) {
+        return Ok(ns);
+    }
+    let model_field = model.map(model_generation_field);
+    let family = match model {
+        Some(_) => EMB_GENERATION_FIELD,
+        None => LLM_GENERATION_FIELD,
+    };
+    let mut args: Vec<&[u8]> = vec![&key, family];
+    if let Some(f) = &model_field {
+        args.push(f);
+    }
+    let g = ffi::call(ctx, "HMGET", &args, false, ffi::reply_as_u64s)?;
+    let at = |i: usize| g.get(i).copied().flatten().unwrap_or(0);
+    ns.set_generations(Generations {
+        ns: at(0),
+        model: if model.is_some() { at(1) } else { 0 },
+    });
+    Ok(ns)
+}
+
+/// EMBCACHE.FLUSH / LLMCACHE.FLUSH: bumps one generation field and
+/// replies its new value. O(1) whatever the namespace holds; replicated and
+/// persisted like any hash write.
+pub fn bump_generation(ctx: &Context, ns: &Namespace, field: &[u8]) -> RedisResult {
+    let key = ns.generations_key();
+    let args: [&[u8]; 3] = [&key, field, b"1"];
+    let g = ffi::call(ctx, "HINCRBY", &args, true, ffi::reply_as_i64)?;
+    Ok(RedisValue::Integer(g))
 }
 
 /// Who a FETCH's upstream calls are charged to, by aicache.tenant-source:
@@ -86,6 +131,7 @@ pub struct FetchOptions {
     pub json: bool,
     pub ex: Option<u64>,
     pub tenant: Option<Vec<u8>>,
+    pub with_meta: bool,
 }
 
 /// Longest TIMEOUT a call may ask for: one day.
@@ -121,9 +167,9 @@ pub fn fetch_options<A: Deref<Target = [u8]>>(
     let at = |i: usize| args.get(i).map(|a| &**a);
     let mut o = FetchOptions::default();
     let expected = if vectors {
-        "TIMEOUT, REFRESH, NOSTORE, EX, TENANT, DIMENSIONS or FORMAT"
+        "TIMEOUT, REFRESH, NOSTORE, EX, TENANT, DIMENSIONS, FORMAT or WITHMETA"
     } else {
-        "TIMEOUT, REFRESH, NOSTORE, EX or TENANT"
+        "TIMEOUT, REFRESH, NOSTORE, EX, TENANT or WITHMETA"
     };
     let mut i = 0;
     while i < args.len() {
@@ -132,6 +178,8 @@ pub fn fetch_options<A: Deref<Target = [u8]>>(
             o.refresh = true;
         } else if is_word(a, "NOSTORE") {
             o.nostore = true;
+        } else if is_word(a, "WITHMETA") {
+            o.with_meta = true;
         } else if is_word(a, "TIMEOUT") {
             i += 1;
             o.timeout_ms = Some(number(at(i), "TIMEOUT", 1, MAX_WAIT_MS)?);

@@ -8,15 +8,17 @@ use std::sync::Arc;
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
 use crate::commands::args::{
-    check_len, ex_option, expire_at, fetch_options, is_word, namespace, parse_u64, tenant,
-    unknown_option,
+    bump_generation, check_len, ex_option, expire_at, fetch_options, is_word, namespace,
+    namespace_at, parse_u64, tenant, unknown_option,
 };
 use crate::config::Settings;
 use crate::fill::call::Shape;
 use crate::fill::pins;
 use crate::fill::pipeline::{self, EmbedSpec, Entry, Kind, Work};
 use crate::model::codec::{fp32_to_json, is_fp32, parse_vector};
-use crate::model::keys::{collapse_whitespace, Namespace, MAX_MODEL_BYTES};
+use crate::model::keys::{
+    collapse_whitespace, model_generation_field, Namespace, EMB_GENERATION_FIELD, MAX_MODEL_BYTES,
+};
 use crate::model::quota::estimate_tokens;
 use crate::redis::ffi::{self, error};
 use crate::stats::STATS;
@@ -113,8 +115,8 @@ pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     }
     let ex = ex_option(&args, 5)?;
     let cfg = Settings::snapshot();
-    let ns = namespace(&cfg, &args[1])?;
     let model = model_arg(&args[2])?;
+    let ns = namespace_at(ctx, &cfg, &args[1], Some(model))?;
     let text = text_arg(&cfg, &args[3])?;
     let vector = vector_arg(&cfg, &args[4])?;
     let entries = [(ns.embedding_key(model, &text), vector)];
@@ -127,8 +129,8 @@ pub fn mset(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         return Err(RedisError::WrongArity);
     }
     let cfg = Settings::snapshot();
-    let ns = namespace(&cfg, &args[1])?;
     let model = model_arg(&args[2])?;
+    let ns = namespace_at(ctx, &cfg, &args[1], Some(model))?;
     let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity((args.len() - 3) / 2);
     for (i, pair) in args[3..].chunks_exact(2).enumerate() {
         let text = text_arg(&cfg, &pair[0]).map_err(|e| at_pair(e, i))?;
@@ -170,8 +172,8 @@ pub fn get(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         _ => return Err(RedisError::WrongArity),
     };
     let cfg = Settings::snapshot();
-    let ns = namespace(&cfg, &args[1])?;
     let model = model_arg(&args[2])?;
+    let ns = namespace_at(ctx, &cfg, &args[1], Some(model))?;
     let text = text_arg(&cfg, &args[3])?;
     let key = ns.embedding_key(model, &text);
     ffi::with_string(ctx, &key, |value| match (value, format) {
@@ -183,9 +185,13 @@ pub fn get(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
 }
 
 /// Keys for `text [text ...]` starting at `args[3]`, validated before any read.
-fn text_keys(cfg: &Settings, args: &[RedisString]) -> Result<Vec<Vec<u8>>, RedisError> {
-    let ns = namespace(cfg, &args[1])?;
+fn text_keys(
+    ctx: &Context,
+    cfg: &Settings,
+    args: &[RedisString],
+) -> Result<Vec<Vec<u8>>, RedisError> {
     let model = model_arg(&args[2])?;
+    let ns = namespace_at(ctx, cfg, &args[1], Some(model))?;
     args[3..]
         .iter()
         .enumerate()
@@ -210,7 +216,7 @@ pub fn mget(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         return Err(RedisError::WrongArity);
     }
     let cfg = Settings::snapshot();
-    let keys = text_keys(&cfg, &args)?;
+    let keys = text_keys(ctx, &cfg, &args)?;
     ffi::reply_array(ctx, keys.len());
     for key in &keys {
         let sent = ffi::with_string(ctx, key, |value| match value {
@@ -230,20 +236,38 @@ pub fn del(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         return Err(RedisError::WrongArity);
     }
     let cfg = Settings::snapshot();
-    let keys = text_keys(&cfg, &args)?;
+    let keys = text_keys(ctx, &cfg, &args)?;
     let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
     let n = ffi::call(ctx, "DEL", &refs, true, ffi::reply_as_i64)?;
     Ok(RedisValue::Integer(n))
 }
 
 /// EMBCACHE.KEY ns model text
-pub fn key(_ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+pub fn key(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     if args.len() != 4 {
         return Err(RedisError::WrongArity);
     }
     let cfg = Settings::snapshot();
-    let mut keys = text_keys(&cfg, &args)?;
+    let mut keys = text_keys(ctx, &cfg, &args)?;
     Ok(RedisValue::StringBuffer(keys.pop().unwrap_or_default()))
+}
+
+/// EMBCACHE.FLUSH ns [MODEL m]
+/// Every embedding of the namespace (or of one model) becomes unreachable
+/// at once; the entries expire in their own time. Replies the new generation.
+pub fn flush(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    let model = match args.len() {
+        2 => None,
+        4 if is_word(&args[2], "MODEL") => Some(model_arg(&args[3])?),
+        3 | 4 => return Err(unknown_option(&args[2], "MODEL m")),
+        _ => return Err(RedisError::WrongArity),
+    };
+    let cfg = Settings::snapshot();
+    let ns = namespace(&cfg, &args[1])?;
+    match model {
+        Some(m) => bump_generation(ctx, &ns, &model_generation_field(m)),
+        None => bump_generation(ctx, &ns, EMB_GENERATION_FIELD),
+    }
 }
 
 /// EMBCACHE.FETCH ns model numtexts text [text ...] [TIMEOUT ms] [REFRESH]
@@ -272,8 +296,8 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
             )));
         }
     }
-    let ns = namespace(&cfg, &args[1])?;
     let model = model_arg(&args[2])?;
+    let ns = namespace_at(ctx, &cfg, &args[1], Some(model))?;
     let model_str =
         std::str::from_utf8(model).map_err(|_| error("ERR model must be valid UTF-8"))?;
     // Duplicate texts share one slot, one fill and one upstream input.
@@ -327,6 +351,13 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let hit_inputs = order.iter().filter(|&&s| entries[s].hit.is_some()).count();
     STATS.hits.add(hit_inputs as u64);
     STATS.misses.add((n - hit_inputs) as u64);
+    STATS.emb_hits.add(hit_inputs as u64);
+    STATS.emb_misses.add((n - hit_inputs) as u64);
+    let saved: u64 = order
+        .iter()
+        .filter_map(|&s| entries[s].hit.as_ref().map(|_| entries[s].tokens))
+        .sum();
+    STATS.tokens_saved.add(saved);
     let spec = EmbedSpec {
         url: crate::config::embeddings_url(),
         model: model_str.to_string(),
@@ -353,6 +384,7 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         lease_ms: cfg.lease_ms,
         max_fills: cfg.max_fills,
         fail_memory_ms: cfg.fail_memory_ms,
+        with_meta: opts.with_meta,
     };
     pipeline::fetch(ctx, work)
 }

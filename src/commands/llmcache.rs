@@ -6,20 +6,27 @@ use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 use std::sync::Arc;
 
 use crate::commands::args::{
-    check_len, ex_option, expire_at, fetch_options, namespace, tenant, FetchOptions,
+    bump_generation, check_len, ex_option, expire_at, fetch_options, namespace, namespace_at,
+    tenant, FetchOptions,
 };
 use crate::config::Settings;
 use crate::fill::call::Shape;
 use crate::fill::pipeline::{self, ChatSpec, Entry, Kind, Work};
-use crate::model::canon::{canonical_request, upstream_body, validate_response};
+use crate::model::canon::{canonical_request, tokens_in_answer, upstream_body, validate_response};
+use crate::model::keys::LLM_GENERATION_FIELD;
 use crate::model::quota::estimate_tokens;
+use crate::model::reply::{Meta, Reply, Status};
 use crate::redis::ffi::{self, error};
 use crate::stats::STATS;
 
 /// Validates `args[1]` (ns) and `args[2]` (request) and returns the entry key
 /// plus the request's effective temperature.
-pub fn request_key(cfg: &Settings, args: &[RedisString]) -> Result<(Vec<u8>, f64), RedisError> {
-    let ns = namespace(cfg, &args[1])?;
+pub fn request_key(
+    ctx: &Context,
+    cfg: &Settings,
+    args: &[RedisString],
+) -> Result<(Vec<u8>, f64), RedisError> {
+    let ns = namespace_at(ctx, cfg, &args[1], None)?;
     let body = args[2].as_slice();
     check_len(
         "request",
@@ -38,7 +45,7 @@ pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     }
     let ex = ex_option(&args, 4)?;
     let cfg = Settings::snapshot();
-    let (key, temperature) = request_key(&cfg, &args)?;
+    let (key, temperature) = request_key(ctx, &cfg, &args)?;
     if temperature > 0.0 && !cfg.cache_sampled {
         return Err(error(
             "ERR request has temperature > 0 and aicache.cache-sampled is no; not cached",
@@ -62,7 +69,7 @@ pub fn get(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         return Err(RedisError::WrongArity);
     }
     let cfg = Settings::snapshot();
-    let (key, _) = request_key(&cfg, &args)?;
+    let (key, _) = request_key(ctx, &cfg, &args)?;
     ffi::with_string(ctx, &key, |value| match value {
         Some(v) => ffi::reply_bytes(ctx, v),
         None => RedisValue::Null,
@@ -75,19 +82,30 @@ pub fn del(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         return Err(RedisError::WrongArity);
     }
     let cfg = Settings::snapshot();
-    let (key, _) = request_key(&cfg, &args)?;
+    let (key, _) = request_key(ctx, &cfg, &args)?;
     let n = ffi::call(ctx, "DEL", &[&key], true, ffi::reply_as_i64)?;
     Ok(RedisValue::Integer(n))
 }
 
 /// LLMCACHE.KEY ns request
-pub fn key(_ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+pub fn key(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     if args.len() != 3 {
         return Err(RedisError::WrongArity);
     }
     let cfg = Settings::snapshot();
-    let (key, _) = request_key(&cfg, &args)?;
+    let (key, _) = request_key(ctx, &cfg, &args)?;
     Ok(RedisValue::StringBuffer(key))
+}
+
+/// LLMCACHE.FLUSH ns
+/// Every chat entry of the namespace becomes unreachable at once.
+pub fn flush(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    if args.len() != 2 {
+        return Err(RedisError::WrongArity);
+    }
+    let cfg = Settings::snapshot();
+    let ns = namespace(&cfg, &args[1])?;
+    bump_generation(ctx, &ns, LLM_GENERATION_FIELD)
 }
 
 /// LLMCACHE.FETCH ns request [TIMEOUT ms] [REFRESH] [NOSTORE] [EX seconds]
@@ -97,19 +115,49 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         opts,
         key,
         nostore,
-    } = FetchCall::parse(&args)?;
-    if !opts.refresh {
+    } = FetchCall::parse(ctx, &args)?;
+    if !opts.refresh && opts.with_meta {
+        let hit = ffi::with_string(ctx, &key, |v| {
+            v.map(|v| (Arc::from(v), tokens_in_answer(v)))
+        })?;
+        if let Some((value, tokens)) = hit {
+            count_llm_hit(tokens, args[2].len());
+            let meta = Meta {
+                status: Status::Hit,
+                key: Arc::from(&key[..]),
+                stored: true,
+            };
+            let reply = Reply::WithMeta {
+                inner: Box::new(Reply::Bulk(value)),
+                meta: vec![meta],
+                single: true,
+            };
+            return Ok(ffi::send_now(ctx, reply));
+        }
+    } else if !opts.refresh {
         // Straight from the key's buffer, as LLMCACHE.GET does.
-        let hit = ffi::with_string(ctx, &key, |v| v.map(|v| ffi::reply_bytes(ctx, v)))?;
-        if let Some(sent) = hit {
-            STATS.hits.incr();
+        let hit = ffi::with_string(ctx, &key, |v| {
+            v.map(|v| (ffi::reply_bytes(ctx, v), tokens_in_answer(v)))
+        })?;
+        if let Some((sent, tokens)) = hit {
+            count_llm_hit(tokens, args[2].len());
             return Ok(sent);
         }
     }
     let body = upstream_body(args[2].as_slice()).map_err(error)?;
     STATS.misses.incr();
+    STATS.llm_misses.incr();
     let work = chat_work(ctx, &cfg, &args, &opts, key, nostore, body)?;
     pipeline::fetch(ctx, work)
+}
+
+/// A chat hit saves the tokens the stored answer reports, or an estimate
+/// from the request's size when it reports none.
+pub fn count_llm_hit(answer_tokens: Option<u64>, request_bytes: usize) {
+    STATS.hits.incr();
+    STATS.llm_hits.incr();
+    let saved = answer_tokens.unwrap_or_else(|| estimate_tokens(request_bytes));
+    STATS.tokens_saved.add(saved);
 }
 
 /// What FETCH and STREAM share: settings, options, entry key, and whether
@@ -123,13 +171,13 @@ pub struct FetchCall {
 
 impl FetchCall {
     /// Parses `ns request [options]`.
-    pub fn parse(args: &[RedisString]) -> Result<FetchCall, RedisError> {
+    pub fn parse(ctx: &Context, args: &[RedisString]) -> Result<FetchCall, RedisError> {
         if args.len() < 3 {
             return Err(RedisError::WrongArity);
         }
         let cfg = Settings::snapshot();
         let opts = fetch_options(&args[3..], false, 0)?;
-        let (key, temperature) = request_key(&cfg, args)?;
+        let (key, temperature) = request_key(ctx, &cfg, args)?;
         // A sampled answer is still fetched for the caller, just not kept.
         let nostore = opts.nostore || (temperature > 0.0 && !cfg.cache_sampled);
         Ok(FetchCall {
@@ -177,6 +225,7 @@ pub fn chat_work(
         lease_ms: cfg.lease_ms,
         max_fills: cfg.max_fills,
         fail_memory_ms: cfg.fail_memory_ms,
+        with_meta: opts.with_meta,
     })
 }
 

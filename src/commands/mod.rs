@@ -30,11 +30,13 @@ guarded! {
     embcache_key => "EMBCACHE.KEY", embcache::key;
     embcache_dims => "EMBCACHE.DIMS", embcache::dims;
     embcache_fetch => "EMBCACHE.FETCH", embcache::fetch;
+    embcache_flush => "EMBCACHE.FLUSH", embcache::flush;
     llmcache_set => "LLMCACHE.SET", llmcache::set;
     llmcache_get => "LLMCACHE.GET", llmcache::get;
     llmcache_del => "LLMCACHE.DEL", llmcache::del;
     llmcache_key => "LLMCACHE.KEY", llmcache::key;
     llmcache_fetch => "LLMCACHE.FETCH", llmcache::fetch;
+    llmcache_flush => "LLMCACHE.FLUSH", llmcache::flush;
     llmcache_stream => "LLMCACHE.STREAM", stream::stream;
     llmcache_read => "LLMCACHE.READ", stream::read;
     aicache_throttle => "AICACHE.THROTTLE", throttle::throttle;

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use redis_module::{Context, ContextFlags, RedisError, RedisResult, RedisString, RedisValue};
 
 use crate::commands::args::{is_word, namespace, number, parse_u64, unknown_option};
-use crate::commands::llmcache::{chat_work, FetchCall};
+use crate::commands::llmcache::{chat_work, count_llm_hit, FetchCall};
 use crate::config::Settings;
 use crate::fill::pipeline;
 use crate::fill::streams::{self, StreamOpts, Streaming};
-use crate::model::canon::upstream_stream_body;
+use crate::model::canon::{tokens_in_answer, upstream_stream_body};
 use crate::model::frames::{entry_id, Frame};
 use crate::model::keys::generation;
 use crate::model::ttl::now_ms;
@@ -42,11 +42,18 @@ pub fn stream(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         opts,
         key,
         nostore,
-    } = FetchCall::parse(&args)?;
+    } = FetchCall::parse(ctx, &args)?;
+    if opts.with_meta {
+        return Err(error(
+            "ERR WITHMETA is a FETCH option; STREAM already replies hit or stream",
+        ));
+    }
     if !opts.refresh {
-        let hit = ffi::with_string(ctx, &key, |v| v.map(|v| reply_pair(ctx, b"hit", v)))?;
-        if let Some(sent) = hit {
-            STATS.hits.incr();
+        let hit = ffi::with_string(ctx, &key, |v| {
+            v.map(|v| (reply_pair(ctx, b"hit", v), tokens_in_answer(v)))
+        })?;
+        if let Some((sent, tokens)) = hit {
+            count_llm_hit(tokens, args[2].len());
             return Ok(sent);
         }
     }
@@ -68,6 +75,7 @@ pub fn stream(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         ));
     }
     STATS.misses.incr();
+    STATS.llm_misses.incr();
     let ns = namespace(&cfg, &args[1])?;
     let name = ns.stream_key(&generation(
         now_ms(),

@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::model::reply::{Item, Reply};
+use crate::model::reply::{Item, Meta, Reply, Status};
 use crate::stats::STATS;
 
 /// The one way to answer a blocked client; tests record instead.
@@ -75,6 +75,16 @@ struct State {
     slots: Vec<Slot>,
     missing: usize,
     shape: Shape,
+    meta: Option<MetaPlan>,
+}
+
+/// What WITHMETA reports of each slot.
+#[derive(Debug, Clone)]
+pub struct MetaPlan {
+    pub keys: Vec<Arc<[u8]>>,
+    pub status: Vec<Status>,
+    /// The fills keep what they fetch (not NOSTORE).
+    pub stored: bool,
 }
 
 impl Call {
@@ -90,8 +100,26 @@ impl Call {
                     .collect(),
                 missing,
                 shape,
+                meta: None,
             }),
         })
+    }
+
+    /// Makes the reply carry WITHMETA metadata.
+    pub fn want_meta(&self, plan: MetaPlan) {
+        self.lock().meta = Some(plan);
+    }
+
+    /// Slot `slot` joined a fill another call started.
+    pub fn coalesced(&self, slot: usize) {
+        if let Some(s) = self
+            .lock()
+            .meta
+            .as_mut()
+            .and_then(|m| m.status.get_mut(slot))
+        {
+            *s = Status::Coalesced;
+        }
     }
 
     /// Marks entries whose own input is known to be refused (failure
@@ -109,7 +137,7 @@ impl Call {
     /// The reply, when nothing is left to fill.
     pub fn ready(&self) -> Option<Reply> {
         let st = self.lock();
-        (st.missing == 0).then(|| render(&st.slots, &st.shape))
+        (st.missing == 0).then(|| render(&st.slots, &st.shape, st.meta.as_ref()))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -151,7 +179,7 @@ impl Call {
         }
         if st.missing == 0 {
             let answer = st.answer.take();
-            let reply = render(&st.slots, &st.shape);
+            let reply = render(&st.slots, &st.shape, st.meta.as_ref());
             st.slots.clear();
             drop(st);
             if let Some(a) = answer {
@@ -180,15 +208,44 @@ impl Call {
 }
 
 /// The reply of a call whose every slot is settled.
-pub fn render_hits(slots: Vec<Option<Arc<[u8]>>>, shape: &Shape) -> Reply {
+pub fn render_hits(slots: Vec<Option<Arc<[u8]>>>, shape: &Shape, meta: Option<&MetaPlan>) -> Reply {
     let slots: Vec<Slot> = slots
         .into_iter()
         .map(|s| s.map_or(Slot::Waiting, Slot::Value))
         .collect();
-    render(&slots, shape)
+    render(&slots, shape, meta)
 }
 
-fn render(slots: &[Slot], shape: &Shape) -> Reply {
+fn render(slots: &[Slot], shape: &Shape, meta: Option<&MetaPlan>) -> Reply {
+    let inner = render_values(slots, shape);
+    let Some(plan) = meta else {
+        return inner;
+    };
+    if matches!(inner, Reply::Error(_)) {
+        return inner;
+    }
+    let of = |slot: usize| Meta {
+        status: plan.status.get(slot).copied().unwrap_or(Status::Miss),
+        key: plan
+            .keys
+            .get(slot)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(&b""[..])),
+        stored: matches!(slots.get(slot), Some(Slot::Value(_)))
+            && (plan.stored || plan.status.get(slot) == Some(&Status::Hit)),
+    };
+    let (meta, single) = match shape {
+        Shape::Single => (vec![of(0)], true),
+        Shape::Vectors { order, .. } => (order.iter().map(|&s| of(s)).collect(), false),
+    };
+    Reply::WithMeta {
+        inner: Box::new(inner),
+        meta,
+        single,
+    }
+}
+
+fn render_values(slots: &[Slot], shape: &Shape) -> Reply {
     let item = |s: &Slot| match s {
         Slot::Value(v) => Item::Value(v.clone()),
         Slot::Failed(e) => Item::Error(e.clone()),

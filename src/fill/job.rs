@@ -16,7 +16,8 @@ use crate::model::canon::validate_response;
 use crate::model::embed::{parse_response, request_body};
 use crate::model::frames::Frame;
 use crate::model::pins::check_answer;
-use crate::stats::STATS;
+use crate::stats::{FILL_LATENCY as STATS_LATENCY, STATS, STREAMS_RUNNING};
+use std::sync::atomic::Ordering;
 
 pub enum Task {
     Embed {
@@ -99,26 +100,48 @@ impl Job {
             self.bill.refund();
             return self.pending.fail(&f.message());
         }
+        let started = Instant::now();
+        let latency = || STATS_LATENCY.record(started.elapsed().as_millis() as u64);
         match &self.task {
             Task::Embed { spec, inputs, keys } => {
                 let (results, spent) = embed(up, store, &self, spec, inputs, keys);
+                latency();
                 self.bill
                     .settle(spent.requests, spent.tokens, spent.answered);
                 self.pending.finish(results, true);
             }
             Task::Chat { spec, key } => {
                 let (result, spent) = chat(up, store, &self, spec, key);
+                latency();
                 self.replay_to_stream(store, &result);
                 self.bill
                     .settle(spent.requests, spent.tokens, spent.answered);
                 self.pending.finish(vec![result], true);
             }
             Task::Stream { spec, key, target } => {
+                let _running = Running::new();
                 let s = streaming::run(up, store, spec, target, key, self.deadline, self.expiry);
                 self.bill.settle(1, s.tokens, s.answered);
                 self.pending.finish(vec![s.result], true);
             }
         }
+    }
+}
+
+/// Counts a streamed generation in `streams_running` until it drops, on
+/// every path out (a panic included).
+struct Running;
+
+impl Running {
+    fn new() -> Self {
+        STREAMS_RUNNING.fetch_add(1, Ordering::Relaxed);
+        Running
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        STREAMS_RUNNING.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -10,14 +10,14 @@ use std::time::{Duration, Instant};
 
 use redis_module::{Context, ContextFlags, RedisResult, RedisValue};
 
-use crate::fill::call::{Answer, Call, FillError, FillResult, Shape};
+use crate::fill::call::{Answer, Call, FillError, FillResult, MetaPlan, Shape};
 use crate::fill::job::{Job, Task};
 use crate::fill::pool::{self, Refused};
 use crate::limits::spend::{self, Bill};
 use crate::model::batch::batches;
 use crate::model::failmem::FailMemory;
 use crate::model::inflight::{Join, Registry};
-use crate::model::reply::Reply;
+use crate::model::reply::{Reply, Status};
 use crate::model::ttl::now_ms;
 use crate::redis::blocked::Blocked;
 use crate::redis::ffi;
@@ -75,9 +75,26 @@ pub struct Work {
     pub lease_ms: u64,
     pub max_fills: usize,
     pub fail_memory_ms: u64,
+    /// WITHMETA: the reply carries each entry's status and TTL.
+    pub with_meta: bool,
 }
 
 impl Work {
+    fn meta_plan(&self) -> Option<MetaPlan> {
+        self.with_meta.then(|| MetaPlan {
+            keys: self.entries.iter().map(|e| Arc::from(&e.key[..])).collect(),
+            status: self
+                .entries
+                .iter()
+                .map(|e| match e.hit {
+                    Some(_) => Status::Hit,
+                    None => Status::Miss,
+                })
+                .collect(),
+            stored: self.expiry.is_some(),
+        })
+    }
+
     fn missing(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.entries.len()).filter(|&i| self.entries[i].hit.is_none())
     }
@@ -119,8 +136,9 @@ pub fn fills_in_flight() -> usize {
 pub fn fetch(ctx: &Context, work: Work) -> RedisResult {
     let missing = work.missing().count();
     if missing == 0 {
+        let plan = work.meta_plan();
         let slots = work.entries.into_iter().map(|e| e.hit).collect();
-        let reply = crate::fill::call::render_hits(slots, &work.shape);
+        let reply = crate::fill::call::render_hits(slots, &work.shape, plan.as_ref());
         return Ok(ffi::send_now(ctx, reply));
     }
     check_can_fill(ctx, missing)?;
@@ -170,6 +188,9 @@ pub fn start(
     let mut missing: Vec<usize> = work.missing().collect();
     let slots = work.entries.iter().map(|e| e.hit.clone()).collect();
     let call = Call::new(slots, work.shape.clone());
+    if let Some(plan) = work.meta_plan() {
+        call.want_meta(plan);
+    }
     if work.fail_memory_ms > 0 {
         let mut refused = Vec::new();
         let mut f = failures();
@@ -222,7 +243,11 @@ pub fn start(
         };
         match reg.join(key, now, waiter) {
             Join::Start(id) => started.push((slot, id)),
-            Join::Wait(_) => STATS.coalesced_waiters.incr(),
+            Join::Wait(_) => {
+                call.coalesced(slot);
+                STATS.coalesced_waiters.incr();
+                STATS.tokens_saved.add(work.entries[slot].tokens);
+            }
             Join::Full => {
                 full = true;
                 break;

@@ -104,6 +104,7 @@ fn chat_work(text: &str, max_fills: usize) -> Work {
         lease_ms: 60_000,
         max_fills,
         fail_memory_ms: 0,
+        with_meta: false,
     }
 }
 

@@ -116,6 +116,7 @@ fn work(texts: &[&str], store: bool) -> Work {
         lease_ms: 60_000,
         max_fills: 1000,
         fail_memory_ms: 0,
+        with_meta: false,
     }
 }
 
@@ -160,6 +161,58 @@ fn a_fill_stores_and_answers_every_entry() {
             .copied()
             .collect::<Vec<_>>(),
         vec![4]
+    );
+}
+
+#[test]
+fn withmeta_tells_the_starter_from_the_joiner_and_nostore_from_stored() {
+    let meta_work = |store: bool| Work {
+        with_meta: true,
+        ..work(&["meta-x", "meta-y"], store)
+    };
+    let (jobs, rx1, _) = begin(meta_work(true));
+    let (more, rx2, _) = begin(Work {
+        entries: vec![Entry {
+            key: b"test:meta-y".to_vec(),
+            input: "meta-y".into(),
+            tokens: 1,
+            hit: Some(fp32(&[1.0; 4])),
+        }]
+        .into_iter()
+        .chain(work(&["meta-x"], true).entries)
+        .collect(),
+        ..meta_work(true)
+    });
+    assert!(more.is_empty());
+    let (up, store) = (Fake::new(4), MemStore::default());
+    for j in jobs {
+        j.run(&up, &store);
+    }
+    let statuses = |r: Reply| match r {
+        Reply::WithMeta { meta, single, .. } => {
+            assert!(!single);
+            meta.iter()
+                .map(|m| (m.status, m.stored))
+                .collect::<Vec<_>>()
+        }
+        other => panic!("no metadata: {other:?}"),
+    };
+    use crate::model::reply::Status::*;
+    assert_eq!(
+        statuses(rx1.try_recv().unwrap()),
+        [(Miss, true), (Miss, true)]
+    );
+    assert_eq!(
+        statuses(rx2.try_recv().unwrap()),
+        [(Hit, true), (Coalesced, true)]
+    );
+    let (jobs, rx3, _) = begin(meta_work(false));
+    for j in jobs {
+        j.run(&up, &store);
+    }
+    assert_eq!(
+        statuses(rx3.try_recv().unwrap()),
+        [(Miss, false), (Miss, false)]
     );
 }
 

@@ -184,6 +184,21 @@ pub fn upstream_stream_body(body: &[u8]) -> Result<Vec<u8>, String> {
     serde_json::to_vec(&obj).map_err(|_| bad("cannot be serialised"))
 }
 
+/// The `usage.total_tokens` a stored chat answer reports, if any.
+pub fn tokens_in_answer(body: &[u8]) -> Option<u64> {
+    // Not a JSON parse: this runs on the main thread for every chat hit,
+    // and a stored answer was validated when it was written.
+    const FIELD: &[u8] = b"\"total_tokens\"";
+    let at = body.windows(FIELD.len()).rposition(|w| w == FIELD)? + FIELD.len();
+    let rest = &body[at..];
+    let rest = rest
+        .trim_ascii_start()
+        .strip_prefix(b":")?
+        .trim_ascii_start();
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+}
+
 /// Token counts from a response's `usage`, zero when absent.
 #[derive(Debug, Default, PartialEq, Eq, Clone, Copy)]
 pub struct Usage {
@@ -248,6 +263,17 @@ mod tests {
     }
 
     const BASE: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+
+    #[test]
+    fn tokens_in_answer_reads_the_usage_not_a_quoted_lookalike() {
+        let a = br#"{"choices":[{"message":{"content":"say "total_tokens": 9"}}],"usage":{"prompt_tokens":3,"total_tokens" : 42}}"#;
+        assert_eq!(tokens_in_answer(a), Some(42));
+        assert_eq!(tokens_in_answer(br#"{"choices":[]}"#), None);
+        assert_eq!(
+            tokens_in_answer(br#"{"usage":{"total_tokens":null}}"#),
+            None
+        );
+    }
 
     #[test]
     fn it_ignores_whitespace_and_key_order() {

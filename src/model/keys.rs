@@ -88,11 +88,49 @@ fn compose(prefix: &str, kind: &str, tag: &[u8], digest: &str) -> Vec<u8> {
     key
 }
 
+/// A namespace's flush generations (EMBCACHE.FLUSH / LLMCACHE.FLUSH):
+/// bumping one moves every entry of the namespace (or of one model) to new
+/// keys at once, so the old entries are unreachable and simply expire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Generations {
+    pub ns: u64,
+    /// The embedding model's own generation (0 for chat entries).
+    pub model: u64,
+}
+
+impl Generations {
+    /// The digest fields a non-zero generation appends. Generation 0 adds
+    /// nothing, so keys written before the first flush keep their names.
+    fn fields(&self) -> Option<[u8; 16]> {
+        if *self == Generations::default() {
+            return None;
+        }
+        let mut f = [0u8; 16];
+        f[..8].copy_from_slice(&self.ns.to_be_bytes());
+        f[8..].copy_from_slice(&self.model.to_be_bytes());
+        Some(f)
+    }
+}
+
+/// Field of the generation hash holding the generation of the
+/// namespace's embeddings (EMBCACHE.FLUSH ns).
+pub const EMB_GENERATION_FIELD: &[u8] = b"emb";
+/// Field holding the generation of the namespace's chat entries.
+pub const LLM_GENERATION_FIELD: &[u8] = b"llm";
+
+/// Field of the generation hash holding `model`'s generation.
+pub fn model_generation_field(model: &[u8]) -> Vec<u8> {
+    let mut f = b"m:".to_vec();
+    f.extend_from_slice(model);
+    f
+}
+
 /// Derives keys for one namespace; built once per command.
 pub struct Namespace<'a> {
     ns: &'a [u8],
     tag: &'a [u8],
     prefix: &'a str,
+    generations: Generations,
 }
 
 impl<'a> Namespace<'a> {
@@ -101,7 +139,34 @@ impl<'a> Namespace<'a> {
             ns,
             tag: hash_tag(ns)?,
             prefix,
+            generations: Generations::default(),
         })
+    }
+
+    /// Keys derived from here on belong to these flush generations.
+    pub fn set_generations(&mut self, g: Generations) {
+        self.generations = g;
+    }
+
+    /// Digest of `fields` plus the generation fields, when there are any.
+    fn entry_digest(&self, fields: &[&[u8]]) -> String {
+        match self.generations.fields() {
+            None => digest_fields(fields),
+            Some(g) => {
+                let mut all = fields.to_vec();
+                all.push(b"gen");
+                all.push(&g[..8]);
+                all.push(&g[8..]);
+                digest_fields(&all)
+            }
+        }
+    }
+
+    /// Key of the hash holding the namespace's flush generations. It has
+    /// no TTL: losing it would bring flushed entries back.
+    pub fn generations_key(&self) -> Vec<u8> {
+        let d = digest_fields(&[b"gen:v1", self.ns]);
+        compose(self.prefix, "gen", self.tag, &d)
     }
 
     /// The namespace's cluster hash tag.
@@ -112,20 +177,20 @@ impl<'a> Namespace<'a> {
     /// Key of the embedding for (model, text). The namespace is hashed too:
     /// `{t}:a` and `{t}:b` share a tag but must not share entries.
     pub fn embedding_key(&self, model: &[u8], text: &[u8]) -> Vec<u8> {
-        let d = digest_fields(&[b"emb:v1", self.ns, model, text]);
+        let d = self.entry_digest(&[b"emb:v1", self.ns, model, text]);
         compose(self.prefix, "emb", self.tag, &d)
     }
 
     /// Key of the embedding for (model, text) at an explicit `dimensions`
     /// (OpenAI's shortened embeddings): a different vector, so a different key.
     pub fn embedding_key_dims(&self, model: &[u8], dims: u32, text: &[u8]) -> Vec<u8> {
-        let d = digest_fields(&[b"emb-dims:v1", self.ns, model, &dims.to_be_bytes(), text]);
+        let d = self.entry_digest(&[b"emb-dims:v1", self.ns, model, &dims.to_be_bytes(), text]);
         compose(self.prefix, "emb", self.tag, &d)
     }
 
     /// Key of the cached response for a canonical chat-completions request.
     pub fn llm_key(&self, canonical_request: &[u8]) -> Vec<u8> {
-        let d = digest_fields(&[b"llm:v1", self.ns, canonical_request]);
+        let d = self.entry_digest(&[b"llm:v1", self.ns, canonical_request]);
         compose(self.prefix, "llm", self.tag, &d)
     }
 
@@ -221,6 +286,50 @@ mod tests {
         Namespace::new("aicache:", ns)
             .unwrap()
             .embedding_key(model, text)
+    }
+
+    #[test]
+    fn generation_zero_keeps_the_old_keys_and_any_bump_moves_every_key() {
+        let ns = b"tenantA";
+        let at = |g: Generations| {
+            let mut n = Namespace::new("aicache:", ns).unwrap();
+            n.set_generations(g);
+            (
+                n.embedding_key(b"m", b"t"),
+                n.embedding_key_dims(b"m", 256, b"t"),
+                n.llm_key(b"{}"),
+            )
+        };
+        let base = at(Generations::default());
+        assert_eq!(base.0, emb(ns, b"m", b"t"));
+        let ns1 = at(Generations { ns: 1, model: 0 });
+        let m1 = at(Generations { ns: 0, model: 1 });
+        for moved in [&ns1, &m1] {
+            assert_ne!(moved.0, base.0);
+            assert_ne!(moved.1, base.1);
+            assert_ne!(moved.2, base.2);
+        }
+        assert_ne!(ns1.0, m1.0, "namespace and model generations are distinct");
+        // Same tag: the moved entries stay in the namespace's slot.
+        assert!(ns1.0.starts_with(b"aicache:emb:v1:{tenantA}:"));
+        // The generation fields are length-prefixed like every other field.
+        let mut enc = Vec::new();
+        for f in [
+            &b"emb:v1"[..],
+            ns,
+            b"m",
+            b"t",
+            b"gen",
+            &1u64.to_be_bytes(),
+            &0u64.to_be_bytes(),
+        ] {
+            enc.extend_from_slice(&(f.len() as u64).to_be_bytes());
+            enc.extend_from_slice(f);
+        }
+        let expect = format!("aicache:emb:v1:{{tenantA}}:{}", hex(&Sha256::digest(&enc)));
+        assert_eq!(String::from_utf8(ns1.0.clone()).unwrap(), expect);
+        let g = Namespace::new("aicache:", ns).unwrap().generations_key();
+        assert!(g.starts_with(b"aicache:gen:v1:{tenantA}:"));
     }
 
     #[test]

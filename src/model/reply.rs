@@ -12,6 +12,35 @@ pub enum Item {
     Error(Arc<str>),
 }
 
+/// How a FETCH got an entry (WITHMETA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Hit,
+    /// This call started the fill.
+    Miss,
+    /// This call joined a fill another call started.
+    Coalesced,
+}
+
+impl Status {
+    pub fn word(self) -> &'static [u8] {
+        match self {
+            Status::Hit => b"hit",
+            Status::Miss => b"miss",
+            Status::Coalesced => b"coalesced",
+        }
+    }
+}
+
+/// One entry's metadata; its remaining TTL is read when the reply is sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Meta {
+    pub status: Status,
+    pub key: Arc<[u8]>,
+    /// False when nothing was kept (NOSTORE, or the entry failed).
+    pub stored: bool,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reply {
     Error(String),
@@ -20,5 +49,11 @@ pub enum Reply {
     Items {
         items: Vec<Item>,
         json: bool,
+    },
+    /// `[inner, meta]`: `meta` is one triple (`single`) or one per input.
+    WithMeta {
+        inner: Box<Reply>,
+        meta: Vec<Meta>,
+        single: bool,
     },
 }

@@ -14,7 +14,7 @@ use redis_module::{
 
 use crate::model::codec::fp32_to_json;
 use crate::model::errors::sanitize;
-use crate::model::reply::{Item, Reply};
+use crate::model::reply::{Item, Meta, Reply, Status};
 
 /// Every error reply goes through here: printable ASCII, bounded.
 pub fn error(msg: impl AsRef<str>) -> RedisError {
@@ -85,6 +85,12 @@ pub fn with_string<T>(
     }
 }
 
+/// True when `key` exists in the selected DB (no LRU touch beyond a read).
+pub fn key_exists(ctx: &Context, key: &[u8]) -> bool {
+    let name = RedisString::create_from_slice(ctx.ctx, key);
+    ctx.open_key(&name).key_type() != KeyType::Empty
+}
+
 /// Replies with `bytes` as a bulk string straight from the caller's buffer
 /// (no copy into a `Vec`), then tells the macro glue that the reply is sent.
 pub fn reply_bytes(ctx: &Context, bytes: &[u8]) -> RedisValue {
@@ -127,6 +133,14 @@ pub fn reply_as_u64(reply: CallReply<'_>) -> Option<u64> {
         CallReply::String(s) => std::str::from_utf8(s.as_bytes()).ok()?.parse().ok(),
         CallReply::I64(i) => u64::try_from(i.to_i64()).ok(),
         _ => None,
+    }
+}
+
+/// Reads an array of integers (HMGET): nil or a non-number is `None`.
+pub fn reply_as_u64s(reply: CallReply<'_>) -> Vec<Option<u64>> {
+    match reply {
+        CallReply::Array(a) => a.iter().map(|r| r.ok().and_then(reply_as_u64)).collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -226,7 +240,41 @@ pub fn send(ctx: &Context, reply: &Reply) {
                 }
             }
         }
+        Reply::WithMeta { inner, .. } if matches!(**inner, Reply::Error(_)) => send(ctx, inner),
+        Reply::WithMeta {
+            inner,
+            meta,
+            single,
+        } => {
+            reply_array(ctx, 2);
+            send(ctx, inner);
+            if !single {
+                reply_array(ctx, meta.len());
+            }
+            for m in meta {
+                send_meta(ctx, m);
+            }
+        }
     }
+}
+
+/// `[status, age_ms, ttl_ms]`. The TTL is read now, in the caller's DB:
+/// -1 no expiry, -2 nothing stored. The age is 0 for an entry this call
+/// (or the fill it joined) just fetched, and -1 (unknown) for a hit:
+/// entries do not record when they were written.
+fn send_meta(ctx: &Context, m: &Meta) {
+    let ttl = match m.stored {
+        true => call(ctx, "PTTL", &[&m.key], false, reply_as_i64).unwrap_or(-2),
+        false => -2,
+    };
+    let age = match m.status {
+        Status::Hit => -1,
+        Status::Miss | Status::Coalesced => 0,
+    };
+    reply_array(ctx, 3);
+    reply_bytes(ctx, m.status.word());
+    raw::reply_with_long_long(ctx.ctx, age);
+    raw::reply_with_long_long(ctx.ctx, ttl);
 }
 
 /// An error for the wire: sanitised, so it holds no NUL.
