@@ -17,7 +17,11 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from helpers import Server  # noqa: E402
 
+import client_overhead  # noqa: E402
+import cluster_failover  # noqa: E402
 import fills  # noqa: E402
+import flush  # noqa: E402
+import langchain_compare  # noqa: E402
 import hardening  # noqa: E402
 import limits  # noqa: E402
 import streams  # noqa: E402
@@ -165,3 +169,7 @@ if __name__ == "__main__":
     print(limits.run())
     print(hardening.run())
     print(streams.run())
+    print(flush.run())
+    print(client_overhead.run())
+    print(langchain_compare.run())
+    print(cluster_failover.run())

@@ -33,9 +33,9 @@ fn init(ctx: &Context, _args: &[RedisString]) -> Status {
         redis::blocked::deinit();
         return Status::Err;
     }
-    redis::ffi::on_shutdown(ctx, shutdown);
-    redis::ffi::on_flush(ctx, fill::pins::forget_db);
-    redis::ffi::on_resetstat(ctx, || {
+    redis::events::on_shutdown(ctx, shutdown);
+    redis::events::on_flush(ctx, fill::pins::forget_db);
+    redis::events::on_resetstat(ctx, || {
         stats::STATS.reset();
         stats::FILL_LATENCY.reset();
     });
@@ -100,7 +100,7 @@ fn info(ctx: &InfoContext, for_crash_report: bool) -> RedisResult<()> {
 fn info_section(ctx: &InfoContext, for_crash_report: bool) -> RedisResult<()> {
     redis::guard::maybe_panic(redis::guard::Site::Info);
     if !for_crash_report {
-        redis::ffi::recheck_reset();
+        redis::events::recheck_reset();
     }
     let mut section = ctx.builder().add_section("fills");
     for (name, value) in stats::STATS.fields() {
@@ -156,7 +156,9 @@ redis_module! {
         ["embcache.flush", commands::embcache_flush, "write", 1, 1, 1, "", "write"],
         ["llmcache.flush", commands::llmcache_flush, "write", 1, 1, 1, "", "write"],
         ["aicache.throttle", commands::aicache_throttle, "write deny-oom fast", 1, 1, 1, "", "write"],
-        ["aicache.debug", commands::aicache_debug, "admin", 0, 0, 0, "", ""],
+        // No ACL category: an empty one aborts the load on Redis 7.2+ and
+        // Valkey (redis-module asserts it is non-empty where the API exists).
+        ["aicache.debug", commands::aicache_debug, "admin", 0, 0, 0, ""],
     ],
     configurations: [
         i64: [

@@ -1,5 +1,12 @@
+import os
+import sys
+
 import numpy as np
 import pytest
+
+# The Python client package (clients/python/aicache) from the working tree, so
+# the suite tests this checkout's client without installing it.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "clients", "python"))
 
 from helpers import DEFAULT_CONFIGS, Server, Upstream, info_fields, wait_for
 

@@ -81,7 +81,7 @@ def test_flush_keeps_the_dimension_pin(r):
 
 @pytest.mark.parametrize("args, match", [
     (["EMBCACHE.FLUSH"], "wrong number"),
-    (["EMBCACHE.FLUSH", "docs", "MODEL"], "unknown option"),
+    (["EMBCACHE.FLUSH", "docs", "MODEL"], "MODEL needs a model name"),
     (["EMBCACHE.FLUSH", "docs", "WHAT", "m"], "unknown option"),
     (["EMBCACHE.FLUSH", "docs", "MODEL", "m", "x"], "wrong number"),
     (["EMBCACHE.FLUSH", "", ], "namespace must not be empty"),
@@ -245,6 +245,12 @@ def test_info_counts_hits_per_family_and_the_tokens_they_saved(f, upstream):
     body = chat(f, "chat")                            # 1 miss
     chat(f, "chat")                                   # 1 hit
     total = json.loads(body)["usage"]["total_tokens"]
+    # A call refused as a whole (a miss inside MULTI) served nothing.
+    p = f.pipeline(transaction=True)
+    p.execute_command("EMBCACHE.FETCH", "docs", M, 2, "abcdefgh", "new text")
+    p.execute_command("LLMCACHE.FETCH", "chat", json.dumps({**REQ, "n": 2}))
+    with pytest.raises(redis.ResponseError, match="cannot block"):
+        p.execute()
     i = info_fields(f)
     assert (i["emb_hits"], i["emb_misses"], i["llm_hits"], i["llm_misses"]) == (2, 2, 1, 1)
     assert i["hits"] == 3 and i["misses"] == 3
@@ -254,6 +260,16 @@ def test_info_counts_hits_per_family_and_the_tokens_they_saved(f, upstream):
     buckets = sorted((k, v) for k, v in i.items() if k.startswith("fill_latency_le_"))
     counts = [v for k, v in buckets]
     assert i["fill_latency_le_inf"] == 2 and all(c <= 2 for c in counts)
+
+
+def test_tokens_saved_trusts_only_the_top_level_usage_and_stays_bounded(f):
+    f.execute_command("CONFIG", "RESETSTAT")
+    answer = {**chat_answer(REQ), "usage": {"total_tokens": 2**64 - 1}}
+    answer["choices"][0]["message"]["content"] = '"usage": {"total_tokens": 5}'
+    f.execute_command("LLMCACHE.SET", "chat", json.dumps(REQ), json.dumps(answer))
+    for _ in range(3):
+        chat(f, "chat")
+    assert info_fields(f)["tokens_saved"] == 3 * 2**32
 
 
 def test_info_latency_buckets_place_a_slow_fill(f, upstream):

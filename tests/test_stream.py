@@ -2,9 +2,7 @@
 request, joined by every identical caller, replayable from Redis, stored as
 an ordinary entry when it ends well."""
 import json
-import os
 import socket
-import sys
 import threading
 import time
 
@@ -14,8 +12,7 @@ import redis
 from fake_upstream import chat_answer
 from helpers import Server, info_fields, resp, wait_for
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "client"))
-from aicache import StreamError, completion_to_chunks, stream_chat  # noqa: E402
+from aicache import StreamError, completion_to_chunks, stream_chat  # clients/python, see conftest
 
 
 def request(text="hi", **extra):

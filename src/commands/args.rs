@@ -27,21 +27,20 @@ pub fn namespace_at<'a>(
 ) -> Result<Namespace<'a>, RedisError> {
     let mut ns = namespace(cfg, arg)?;
     let key = ns.generations_key();
-    // Most namespaces are never flushed: an existence check is cheaper
-    // than HMGET through RM_Call.
-    if !ffi::key_exists(ctx, &key) {
-        return Ok(ns);
-    }
     let model_field = model.map(model_generation_field);
     let family = match model {
         Some(_) => EMB_GENERATION_FIELD,
         None => LLM_GENERATION_FIELD,
     };
-    let mut args: Vec<&[u8]> = vec![&key, family];
+    let mut fields: Vec<&[u8]> = vec![family];
     if let Some(f) = &model_field {
-        args.push(f);
+        fields.push(f);
     }
-    let g = ffi::call(ctx, "HMGET", &args, false, ffi::reply_as_u64s)?;
+    // Read through the key API, not HMGET: no command is counted, and a
+    // never-flushed namespace costs one lookup.
+    let Some(g) = ffi::hash_u64s(ctx, &key, &fields)? else {
+        return Ok(ns);
+    };
     let at = |i: usize| g.get(i).copied().flatten().unwrap_or(0);
     ns.set_generations(Generations {
         ns: at(0),

@@ -259,6 +259,7 @@ pub fn flush(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let model = match args.len() {
         2 => None,
         4 if is_word(&args[2], "MODEL") => Some(model_arg(&args[3])?),
+        3 if is_word(&args[2], "MODEL") => return Err(error("ERR MODEL needs a model name")),
         3 | 4 => return Err(unknown_option(&args[2], "MODEL m")),
         _ => return Err(RedisError::WrongArity),
     };
@@ -348,16 +349,11 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         true => tenant(ctx, &cfg, opts.tenant.as_deref(), &ns)?,
         false => None,
     };
-    let hit_inputs = order.iter().filter(|&&s| entries[s].hit.is_some()).count();
-    STATS.hits.add(hit_inputs as u64);
-    STATS.misses.add((n - hit_inputs) as u64);
-    STATS.emb_hits.add(hit_inputs as u64);
-    STATS.emb_misses.add((n - hit_inputs) as u64);
+    let hit_inputs = order.iter().filter(|&&s| entries[s].hit.is_some()).count() as u64;
     let saved: u64 = order
         .iter()
         .filter_map(|&s| entries[s].hit.as_ref().map(|_| entries[s].tokens))
         .sum();
-    STATS.tokens_saved.add(saved);
     let spec = EmbedSpec {
         url: crate::config::embeddings_url(),
         model: model_str.to_string(),
@@ -386,5 +382,14 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         fail_memory_ms: cfg.fail_memory_ms,
         with_meta: opts.with_meta,
     };
-    pipeline::fetch(ctx, work)
+    let replied = pipeline::fetch(ctx, work)?;
+    // Counted once the call is taken: a call refused as a whole (MULTI,
+    // replica, spend limits) served nothing and saved nothing.
+    let misses = n as u64 - hit_inputs;
+    STATS.hits.add(hit_inputs);
+    STATS.misses.add(misses);
+    STATS.emb_hits.add(hit_inputs);
+    STATS.emb_misses.add(misses);
+    STATS.tokens_saved.add(saved);
+    Ok(replied)
 }

@@ -145,10 +145,11 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         }
     }
     let body = upstream_body(args[2].as_slice()).map_err(error)?;
+    let work = chat_work(ctx, &cfg, &args, &opts, key, nostore, body)?;
+    let replied = pipeline::fetch(ctx, work)?;
     STATS.misses.incr();
     STATS.llm_misses.incr();
-    let work = chat_work(ctx, &cfg, &args, &opts, key, nostore, body)?;
-    pipeline::fetch(ctx, work)
+    Ok(replied)
 }
 
 /// A chat hit saves the tokens the stored answer reports, or an estimate

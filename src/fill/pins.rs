@@ -19,7 +19,7 @@ fn memory() -> MutexGuard<'static, PinMemory> {
 pub fn read(ctx: &Context, key: &[u8], model: &[u8]) -> Result<Option<usize>, String> {
     ffi::call(ctx, "HGET", &[key, model], false, ffi::reply_as_u64)
         .map(|p| p.map(|p| p as usize))
-        .map_err(|e| format!("ERR cannot read the dimension pin: {e:?}"))
+        .map_err(|e| format!("ERR cannot read the dimension pin: {e}"))
 }
 
 /// Checks `dims` against the pin of (`key`, `model`) in `db`, the DB `ctx`
@@ -58,7 +58,7 @@ pub fn check(
 pub fn reset(ctx: &Context, db: i32, key: &[u8], model: &[u8]) -> Result<i64, String> {
     memory().forget(db, key, model);
     ffi::call(ctx, "HDEL", &[key, model], true, ffi::reply_as_i64)
-        .map_err(|e| format!("ERR cannot remove the dimension pin: {e:?}"))
+        .map_err(|e| format!("ERR cannot remove the dimension pin: {e}"))
 }
 
 /// FLUSHDB, FLUSHALL (None), SWAPDB and role changes: the hashes are gone,

@@ -160,7 +160,7 @@ pub fn append_locked(ctx: &redis_module::Context, a: &Append) -> Result<Appended
         let mut args: Vec<&[u8]> = vec![a.stream, id.as_bytes()];
         args.extend(fields.iter().map(Vec::as_slice));
         ffi::call(ctx, "XADD", &args, true, |_| ())
-            .map_err(|e| format!("ERR the stream could not be written: {e:?}"))?;
+            .map_err(|e| format!("ERR the stream could not be written: {e}"))?;
     }
     let _ = ffi::call(ctx, "PEXPIREAT", &[a.stream, at.as_bytes()], true, |_| ());
     Ok(Appended::Written)

@@ -184,19 +184,72 @@ pub fn upstream_stream_body(body: &[u8]) -> Result<Vec<u8>, String> {
     serde_json::to_vec(&obj).map_err(|_| bad("cannot be serialised"))
 }
 
-/// The `usage.total_tokens` a stored chat answer reports, if any.
+/// Most tokens one answer may claim to save: a stored answer is data a
+/// client wrote, and must not wrap the counter.
+const MAX_ANSWER_TOKENS: u64 = 1 << 32;
+
+/// The top-level `usage.total_tokens` of a stored chat answer, if any.
+/// A byte scan, not a JSON parse: it runs on the main thread for every
+/// chat hit, and the answer was validated when it was written. Strings are
+/// skipped whole, so a message that quotes `"usage"` changes nothing.
 pub fn tokens_in_answer(body: &[u8]) -> Option<u64> {
-    // Not a JSON parse: this runs on the main thread for every chat hit,
-    // and a stored answer was validated when it was written.
-    const FIELD: &[u8] = b"\"total_tokens\"";
-    let at = body.windows(FIELD.len()).rposition(|w| w == FIELD)? + FIELD.len();
-    let rest = &body[at..];
-    let rest = rest
-        .trim_ascii_start()
-        .strip_prefix(b":")?
-        .trim_ascii_start();
-    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+    let (mut i, mut depth, mut usage_depth) = (0usize, 0usize, None);
+    while i < body.len() {
+        match body[i] {
+            b'"' => {
+                let end = string_end(body, i)?;
+                let name = &body[i + 1..end];
+                i = skip_ws(body, end + 1);
+                if body.get(i) != Some(&b':') {
+                    continue; // a value, not a key
+                }
+                i = skip_ws(body, i + 1);
+                if depth == 1 && name == b"usage" && body.get(i) == Some(&b'{') {
+                    usage_depth = Some(depth + 1);
+                } else if usage_depth == Some(depth) && name == b"total_tokens" {
+                    let digits = body[i..].iter().take_while(|b| b.is_ascii_digit()).count();
+                    let n: u64 = std::str::from_utf8(&body[i..i + digits])
+                        .ok()?
+                        .parse()
+                        .ok()?;
+                    return Some(n.min(MAX_ANSWER_TOKENS));
+                }
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                i += 1;
+            }
+            b'}' | b']' => {
+                if usage_depth == Some(depth) {
+                    return None; // usage holds no total_tokens
+                }
+                depth = depth.saturating_sub(1);
+                i += 1;
+            }
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// Index of the quote that closes the string opening at `open`.
+fn string_end(body: &[u8], open: usize) -> Option<usize> {
+    let mut i = open + 1;
+    while i < body.len() {
+        match body[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(i),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+fn skip_ws(body: &[u8], mut i: usize) -> usize {
+    while body.get(i).is_some_and(u8::is_ascii_whitespace) {
+        i += 1;
+    }
+    i
 }
 
 /// Token counts from a response's `usage`, zero when absent.
@@ -266,13 +319,25 @@ mod tests {
 
     #[test]
     fn tokens_in_answer_reads_the_usage_not_a_quoted_lookalike() {
-        let a = br#"{"choices":[{"message":{"content":"say "total_tokens": 9"}}],"usage":{"prompt_tokens":3,"total_tokens" : 42}}"#;
+        let a = br#"{"choices":[{"message":{"content":"say \"total_tokens\": 9"}}],"usage":{"prompt_tokens":3,"total_tokens" : 42}}"#;
         assert_eq!(tokens_in_answer(a), Some(42));
         assert_eq!(tokens_in_answer(br#"{"choices":[]}"#), None);
         assert_eq!(
             tokens_in_answer(br#"{"usage":{"total_tokens":null}}"#),
             None
         );
+        // Only the top-level usage counts, wherever a lookalike sits.
+        let nested = br#"{"usage":{"total_tokens":10},"choices":[{"message":{"usage":{"total_tokens":5000000}}}]}"#;
+        assert_eq!(tokens_in_answer(nested), Some(10));
+        let later = br#"{"choices":[{"usage":{"total_tokens":7}}],"usage":{"prompt_tokens":1,"total_tokens":3}}"#;
+        assert_eq!(tokens_in_answer(later), Some(3));
+        let escaped = br#"{"x":"a\"usage\":{\"total_tokens\":9}","usage":{"total_tokens":4}}"#;
+        assert_eq!(tokens_in_answer(escaped), Some(4));
+        let huge = br#"{"usage":{"total_tokens":18446744073709551615}}"#;
+        assert_eq!(tokens_in_answer(huge), Some(1 << 32));
+        assert_eq!(tokens_in_answer(br#"{"usage":{"prompt_tokens":5}}"#), None);
+        assert_eq!(tokens_in_answer(br#"{"usage":"#), None);
+        assert_eq!(tokens_in_answer(b"\"unterminated"), None);
     }
 
     #[test]

@@ -4,7 +4,6 @@
 //! user data, and never send an unsanitised error.
 
 use std::os::raw::{c_int, c_void};
-use std::panic::catch_unwind;
 use std::sync::Mutex;
 
 use redis_module::{
@@ -15,6 +14,8 @@ use redis_module::{
 use crate::model::codec::fp32_to_json;
 use crate::model::errors::sanitize;
 use crate::model::reply::{Item, Meta, Reply, Status};
+
+const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
 
 /// Every error reply goes through here: printable ASCII, bounded.
 pub fn error(msg: impl AsRef<str>) -> RedisError {
@@ -79,16 +80,105 @@ pub fn with_string<T>(
             let v = k.read().map_err(|_| error("ERR could not read entry"))?;
             Ok(f(Some(v.unwrap_or(&[]))))
         }
-        _ => Err(error(
-            "WRONGTYPE Operation against a key holding the wrong kind of value",
-        )),
+        _ => Err(error(WRONGTYPE)),
     }
 }
 
-/// True when `key` exists in the selected DB (no LRU touch beyond a read).
-pub fn key_exists(ctx: &Context, key: &[u8]) -> bool {
-    let name = RedisString::create_from_slice(ctx.ctx, key);
-    ctx.open_key(&name).key_type() != KeyType::Empty
+/// A key opened for the module's own bookkeeping reads: no LRU/LFU touch,
+/// and (Redis 7.2+; 7.0 ignores the flag) no keyspace hit/miss counted.
+/// Raw, because redis-module 2.0.8's `RedisKey::to_raw_parts` does not
+/// give up ownership (the key would be closed twice).
+struct QuietKey {
+    key: *mut raw::RedisModuleKey,
+    // Kept until the key is closed.
+    _name: RedisString,
+}
+
+impl QuietKey {
+    fn open(ctx: &Context, key: &[u8]) -> Self {
+        let name = RedisString::create_from_slice(ctx.ctx, key);
+        let mode = raw::REDISMODULE_READ
+            | raw::REDISMODULE_OPEN_KEY_NOTOUCH
+            | raw::REDISMODULE_OPEN_KEY_NOSTATS;
+        // SAFETY: called on the main thread (or under the lock) with a live
+        // context and key name; the handle is closed once, in `drop`.
+        let key = unsafe { raw::RedisModule_OpenKey.unwrap()(ctx.ctx, name.inner, mode as c_int) };
+        QuietKey { key, _name: name }
+    }
+
+    fn key_type(&self) -> KeyType {
+        if self.key.is_null() {
+            return KeyType::Empty;
+        }
+        // SAFETY: a non-null handle from RM_OpenKey, not yet closed.
+        unsafe { raw::RedisModule_KeyType.unwrap()(self.key) }.into()
+    }
+}
+
+impl Drop for QuietKey {
+    fn drop(&mut self) {
+        if !self.key.is_null() {
+            // SAFETY: the handle is open and this is its only close.
+            unsafe { raw::RedisModule_CloseKey.unwrap()(self.key) };
+        }
+    }
+}
+
+/// Integer fields of the hash at `key` (binary-safe field names): `None`
+/// when there is no such key; a missing or non-numeric field is `None`.
+pub fn hash_u64s(
+    ctx: &Context,
+    key: &[u8],
+    fields: &[&[u8]],
+) -> Result<Option<Vec<Option<u64>>>, RedisError> {
+    let k = QuietKey::open(ctx, key);
+    match k.key_type() {
+        KeyType::Empty => return Ok(None),
+        KeyType::Hash => {}
+        _ => return Err(error(WRONGTYPE)),
+    }
+    let mut out = Vec::with_capacity(fields.len());
+    for f in fields {
+        let name = RedisString::create_from_slice(ctx.ctx, f);
+        let mut value: *mut raw::RedisModuleString = std::ptr::null_mut();
+        // SAFETY: `k.key` is an open hash key of this context. With
+        // REDISMODULE_HASH_NONE, HashGet takes (field string, out pointer)
+        // pairs ended by NULL, and sets `value` to a new string (or leaves
+        // it NULL when the field is absent).
+        let status = unsafe {
+            raw::RedisModule_HashGet.unwrap()(
+                k.key,
+                raw::REDISMODULE_HASH_NONE as c_int,
+                name.inner,
+                &mut value as *mut *mut raw::RedisModuleString,
+                std::ptr::null_mut::<c_void>(),
+            )
+        };
+        let v = (status == raw::REDISMODULE_OK as c_int && !value.is_null()).then(|| {
+            // Owns the string HashGet made, and frees it on drop.
+            let s = RedisString::from_redis_module_string(ctx.ctx, value);
+            std::str::from_utf8(s.as_slice()).ok()?.parse().ok()
+        });
+        out.push(v.flatten());
+    }
+    Ok(Some(out))
+}
+
+/// The remaining TTL of `key` in ms, as PTTL answers it (-1: no expiry,
+/// -2: no such key), without running a command.
+pub fn pttl(ctx: &Context, key: &[u8]) -> i64 {
+    let k = QuietKey::open(ctx, key);
+    if k.key_type() == KeyType::Empty {
+        return -2;
+    }
+    // SAFETY: `k.key` is an open, non-empty key of this context; GetExpire
+    // only reads it.
+    let ms = unsafe { raw::RedisModule_GetExpire.unwrap()(k.key) };
+    if ms == raw::REDISMODULE_NO_EXPIRE as i64 {
+        -1
+    } else {
+        ms.max(0)
+    }
 }
 
 /// Replies with `bytes` as a bulk string straight from the caller's buffer
@@ -133,14 +223,6 @@ pub fn reply_as_u64(reply: CallReply<'_>) -> Option<u64> {
         CallReply::String(s) => std::str::from_utf8(s.as_bytes()).ok()?.parse().ok(),
         CallReply::I64(i) => u64::try_from(i.to_i64()).ok(),
         _ => None,
-    }
-}
-
-/// Reads an array of integers (HMGET): nil or a non-number is `None`.
-pub fn reply_as_u64s(reply: CallReply<'_>) -> Vec<Option<u64>> {
-    match reply {
-        CallReply::Array(a) => a.iter().map(|r| r.ok().and_then(reply_as_u64)).collect(),
-        _ => Vec::new(),
     }
 }
 
@@ -246,27 +328,29 @@ pub fn send(ctx: &Context, reply: &Reply) {
             meta,
             single,
         } => {
+            // Everything read before the first byte goes out, so the
+            // arrays are never cut short.
+            let ttls: Vec<i64> = meta
+                .iter()
+                .map(|m| if m.stored { pttl(ctx, &m.key) } else { -2 })
+                .collect();
             reply_array(ctx, 2);
             send(ctx, inner);
             if !single {
                 reply_array(ctx, meta.len());
             }
-            for m in meta {
-                send_meta(ctx, m);
+            for (m, ttl) in meta.iter().zip(ttls) {
+                send_meta(ctx, m, ttl);
             }
         }
     }
 }
 
-/// `[status, age_ms, ttl_ms]`. The TTL is read now, in the caller's DB:
-/// -1 no expiry, -2 nothing stored. The age is 0 for an entry this call
-/// (or the fill it joined) just fetched, and -1 (unknown) for a hit:
-/// entries do not record when they were written.
-fn send_meta(ctx: &Context, m: &Meta) {
-    let ttl = match m.stored {
-        true => call(ctx, "PTTL", &[&m.key], false, reply_as_i64).unwrap_or(-2),
-        false => -2,
-    };
+/// `[status, age_ms, ttl_ms]`. The TTL was read at reply time, in the
+/// caller's DB: -1 no expiry, -2 nothing stored. The age is 0 for an entry
+/// this call (or the fill it joined) just fetched, and -1 (unknown) for a
+/// hit: entries do not record when they were written.
+fn send_meta(ctx: &Context, m: &Meta, ttl: i64) {
     let age = match m.status {
         Status::Hit => -1,
         Status::Miss | Status::Coalesced => 0,
@@ -398,155 +482,6 @@ impl OwnedString {
         }
         let inner = g.as_ref().map_or(std::ptr::null_mut(), |s| s.inner);
         RedisString::from_redis_module_string(std::ptr::null_mut(), inner)
-    }
-}
-
-/// Calls `f` when Redis starts shutting down.
-pub fn on_shutdown(ctx: &Context, f: fn()) {
-    static HOOK: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
-    extern "C" fn shutdown_event(
-        _: *mut raw::RedisModuleCtx,
-        _: raw::RedisModuleEvent,
-        _: u64,
-        _: *mut c_void,
-    ) {
-        if let Some(f) = HOOK.get() {
-            let _ = catch_unwind(f);
-        }
-    }
-    let _ = HOOK.set(f);
-    let event = raw::RedisModuleEvent {
-        id: raw::REDISMODULE_EVENT_SHUTDOWN,
-        dataver: 1,
-    };
-    raw::subscribe_to_server_event(ctx.ctx, event, Some(shutdown_event));
-}
-
-/// Calls `f` after `CONFIG RESETSTAT` has run. Redis has no event for it,
-/// and a command filter sees commands before authentication, ACLs and
-/// MULTI queuing, so the filter only notes the command (two byte
-/// compares, no allocation) and the next event-loop turn checks that
-/// Redis's own counters really were reset.
-pub fn on_resetstat(ctx: &Context, f: fn()) {
-    extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
-        let _ = catch_unwind(|| {
-            // SAFETY: fctx is the live filter context; the arguments are
-            // owned by the command and read at once.
-            let is = |i: c_int, word: &[u8]| unsafe {
-                let s = raw::RedisModule_CommandFilterArgGet
-                    .map_or(std::ptr::null_mut(), |g| g(fctx, i));
-                let mut len = 0usize;
-                let p = if s.is_null() {
-                    std::ptr::null()
-                } else {
-                    raw::RedisModule_StringPtrLen.map_or(std::ptr::null(), |g| g(s, &mut len))
-                };
-                !p.is_null()
-                    && std::slice::from_raw_parts(p.cast::<u8>(), len).eq_ignore_ascii_case(word)
-            };
-            // SAFETY: as above.
-            let argc = unsafe { raw::RedisModule_CommandFilterArgsCount.map_or(0, |g| g(fctx)) };
-            if argc == 2 && is(0, b"config") && is(1, b"resetstat") {
-                verify_reset();
-            }
-        });
-    }
-    let _ = RESET_HOOK.set(f);
-    // SAFETY: registering a filter with the live OnLoad context.
-    unsafe {
-        if let Some(register) = raw::RedisModule_RegisterCommandFilter {
-            register(
-                ctx.ctx,
-                Some(filter),
-                raw::REDISMODULE_CMDFILTER_NOSELF as c_int,
-            );
-        }
-    }
-
-    fn verify_reset() {
-        let before = reset_stats();
-        crate::redis::blocked::after(
-            0,
-            Box::new(move || {
-                let now = reset_stats();
-                // Any of them going down means resetServerStats ran; several,
-                // because commands later in the same event-loop turn count up
-                // again.
-                let down = |(b, n): (&Option<u64>, &Option<u64>)| matches!((b, n), (Some(b), Some(n)) if n < b);
-                if before.iter().zip(&now).any(down) {
-                    fire_reset();
-                }
-                note_commands(now[0]);
-            }),
-        );
-    }
-}
-
-/// Redis counters that CONFIG RESETSTAT sets back to zero.
-fn reset_stats() -> [Option<u64>; 3] {
-    use crate::redis::blocked::server_stat;
-    [
-        server_stat(c"total_commands_processed"),
-        server_stat(c"total_net_input_bytes"),
-        server_stat(c"total_connections_received"),
-    ]
-}
-
-static RESET_HOOK: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
-/// `total_commands_processed` when last looked at.
-static LAST_COMMANDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-fn fire_reset() {
-    if let Some(f) = RESET_HOOK.get() {
-        f();
-    }
-}
-
-fn note_commands(now: Option<u64>) {
-    if let Some(n) = now {
-        LAST_COMMANDS.store(n, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-/// Called from INFO: a reset the filter did not see (one run by EXEC)
-/// shows as Redis's command count below what it was at the last look.
-pub fn recheck_reset() {
-    let now = crate::redis::blocked::server_stat(c"total_commands_processed");
-    if now.is_some_and(|n| n < LAST_COMMANDS.load(std::sync::atomic::Ordering::Relaxed)) {
-        fire_reset();
-    }
-    note_commands(now);
-}
-
-/// Calls `f(Some(db))` after FLUSHDB, `f(None)` after FLUSHALL, SWAPDB and
-/// a replication role change (the data may have changed under us).
-pub fn on_flush(ctx: &Context, f: fn(Option<i32>)) {
-    static HOOK: std::sync::OnceLock<fn(Option<i32>)> = std::sync::OnceLock::new();
-    extern "C" fn flushed(
-        _: *mut raw::RedisModuleCtx,
-        event: raw::RedisModuleEvent,
-        _: u64,
-        data: *mut c_void,
-    ) {
-        let _ = catch_unwind(|| {
-            let Some(f) = HOOK.get() else { return };
-            if event.id == raw::REDISMODULE_EVENT_FLUSHDB && !data.is_null() {
-                // SAFETY: Redis passes a RedisModuleFlushInfo for this event.
-                let db = unsafe { (*data.cast::<raw::RedisModuleFlushInfo>()).dbnum };
-                f((db >= 0).then_some(db));
-            } else {
-                f(None);
-            }
-        });
-    }
-    let _ = HOOK.set(f);
-    for id in [
-        raw::REDISMODULE_EVENT_FLUSHDB,
-        raw::REDISMODULE_EVENT_SWAPDB,
-        raw::REDISMODULE_EVENT_REPLICATION_ROLE_CHANGED,
-    ] {
-        let event = raw::RedisModuleEvent { id, dataver: 1 };
-        raw::subscribe_to_server_event(ctx.ctx, event, Some(flushed));
     }
 }
 

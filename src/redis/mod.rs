@@ -2,6 +2,7 @@
 //! that handles the hazards of shared/field-notes.md.
 
 pub mod blocked;
+pub mod events;
 pub mod ffi;
 pub mod guard;
 pub mod keywait;
