@@ -29,7 +29,7 @@ import time
 import redis
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import MODULE, REDIS_SERVER, ROOT, free_port, stop_process, wait_for  # noqa: E402
+from helpers import MODULE, REDIS_SERVER, ROOT, free_port, read_log, stop_process, wait_for  # noqa: E402
 
 SLOTS = 16384
 
@@ -125,11 +125,7 @@ class Node:
         return info_text_map(self.r.execute_command("CLUSTER", "INFO"))
 
     def log_text(self):
-        try:
-            with open(self.log, errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
+        return read_log(self.log)
 
     def stop(self):
         if self._client is not None:

@@ -78,6 +78,15 @@ def wait_for(predicate, timeout=10.0, what="condition"):
         time.sleep(0.01)
 
 
+def read_log(path):
+    """A server's log file, or "" when there is none (yet)."""
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def stop_process(proc):
     if proc.poll() is None:
         proc.terminate()
@@ -128,11 +137,7 @@ class Server:
         return self.proc.poll() is None and self.client().ping()
 
     def log_text(self):
-        try:
-            with open(self.log, errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
+        return read_log(self.log)
 
     def stop(self):
         stop_process(self.proc)

@@ -20,7 +20,7 @@ from redis.sentinel import Sentinel
 
 from conftest import API_KEY, FILL_CONFIGS
 from fake_upstream import vector
-from helpers import REDIS_SERVER, Server, free_port, info_fields, resp, stop_process, wait_for
+from helpers import REDIS_SERVER, Server, free_port, info_fields, read_log, resp, stop_process, wait_for
 
 M = "emb-model"  # 8 dimensions in the fake
 NAME = "aicache"
@@ -76,11 +76,7 @@ sentinel parallel-syncs {NAME} 1
         return False
 
     def log_text(self):
-        try:
-            with open(self.log, errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
+        return read_log(self.log)
 
     def stop(self):
         import shutil
