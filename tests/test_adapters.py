@@ -117,6 +117,13 @@ def test_langchain_async_embeddings_without_async_client_use_the_sync_one(f, ups
     assert module_vector(f, "lc", "t") == expected("t")
 
 
+def llm_cache(f, upstream):
+    """The LLM cache for ChatOpenAIs on the fake upstream, which is the
+    module's upstream too, so its entries are shared with FETCH callers."""
+    from aicache.langchain import AICacheLLMCache
+    return AICacheLLMCache(sync_cache(f, "chat"), shared_base_urls=[upstream.url])
+
+
 def chat_openai(upstream, cache, **kw):
     lc_openai = pytest.importorskip("langchain_openai")
     return lc_openai.ChatOpenAI(model=CHAT_MODEL, base_url=upstream.url, api_key="sk-unused",
@@ -132,7 +139,7 @@ def test_langchain_chatopenai_second_call_is_served_by_the_module(f, upstream):
     from langchain_core.messages import HumanMessage, SystemMessage
 
     from aicache.langchain import AICacheLLMCache
-    llm = chat_openai(upstream, AICacheLLMCache(sync_cache(f, "chat")))
+    llm = chat_openai(upstream, llm_cache(f, upstream))
     msgs = [SystemMessage("be brief"), HumanMessage("what is redis?")]
     first = llm.invoke(msgs)
     assert first.content.startswith("answer ")
@@ -158,7 +165,7 @@ def test_langchain_chatopenai_entries_are_shared_with_direct_fetch(f, upstream):
     from langchain_core.messages import HumanMessage, SystemMessage
 
     from aicache.langchain import AICacheLLMCache
-    llm = chat_openai(upstream, AICacheLLMCache(sync_cache(f, "chat")), seed=7)
+    llm = chat_openai(upstream, llm_cache(f, upstream), seed=7)
     answer = llm.invoke([SystemMessage("be brief"), HumanMessage("one")]).content
     assert upstream.calls("chat") == 1
     by_hand = {"model": CHAT_MODEL, "temperature": 0, "seed": 7,
@@ -193,7 +200,7 @@ def test_langchain_tool_calls_round_trip(f, upstream):
     request = {"model": CHAT_MODEL, "temperature": 0, "tools": [tool],
                "messages": [{"role": "user", "content": "find q"}]}
     f.execute_command("LLMCACHE.SET", "chat", json.dumps(request), json.dumps(body))
-    llm = chat_openai(upstream, AICacheLLMCache(sync_cache(f, "chat"))).bind_tools([tool])
+    llm = chat_openai(upstream, llm_cache(f, upstream)).bind_tools([tool])
     msg = llm.invoke("find q")
     assert upstream.calls("chat") == 0, "bind_tools' request did not map to the stored one"
     assert msg.tool_calls == [{"name": "lookup", "args": {"query": "q"}, "id": "call_1",
@@ -203,7 +210,7 @@ def test_langchain_tool_calls_round_trip(f, upstream):
 def test_langchain_chatopenai_cut_off_answers_are_not_cached(f, upstream):
     pytest.importorskip("langchain_core")
     from aicache.langchain import AICacheLLMCache
-    llm = chat_openai(upstream, AICacheLLMCache(sync_cache(f, "chat")))
+    llm = chat_openai(upstream, llm_cache(f, upstream))
     upstream.fault("length")
     cut = llm.invoke("long story")
     assert cut.response_metadata["finish_reason"] == "length"
@@ -239,7 +246,8 @@ def test_langchain_async_cache_reads_what_sync_stored(f, fserver, upstream):
 
     async def go():
         acache = async_cache(fserver.port, "chat")
-        cache = AICacheLLMCache(sync_cache(dead_redis(), "chat"), async_client=acache)
+        cache = AICacheLLMCache(sync_cache(dead_redis(), "chat"), async_client=acache,
+                                shared_base_urls=[upstream.url])
         llm = chat_openai(upstream, cache)
         try:
             a = (await llm.ainvoke("async hello")).content
@@ -254,7 +262,8 @@ def test_langchain_async_cache_reads_what_sync_stored(f, fserver, upstream):
     assert a == b == c
     assert upstream.calls("chat") == 2  # first call, then the one after aclear
     # The sync path reads the same entry.
-    sync_llm = chat_openai(upstream, AICacheLLMCache(sync_cache(f, "chat")))
+    sync_llm = chat_openai(upstream, AICacheLLMCache(sync_cache(f, "chat"),
+                                                     shared_base_urls=[upstream.url]))
     assert sync_llm.invoke("async hello").content == a
     assert upstream.calls("chat") == 2
 
@@ -458,6 +467,54 @@ def test_openai_facade_errors_are_sdk_exceptions(f, upstream):
         client.chat.completions.create(model=CHAT_MODEL, messages=[])
 
 
+def test_openai_facade_raises_like_the_sdk_for_bad_inputs_and_refused_streams(f, upstream,
+                                                                             fserver):
+    openai = pytest.importorskip("openai")
+    from aicache.openai_compat import AsyncCachedOpenAI, CachedOpenAI
+    client = CachedOpenAI(f, "oa")
+    upstream._post("/_poison", {"marker": "POISON", "status": 400, "message": "bad input"})
+    for inp in ("POISON z", ["fine", "POISON z"]):
+        with pytest.raises(openai.BadRequestError) as ei:
+            client.embeddings.create(model=M, input=inp)
+        assert ei.value.status_code == 400
+    # A refused stream raises from create(), before any iteration.
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=CHAT_MODEL, messages=[], stream=True)
+
+    async def go():
+        r = redis.asyncio.Redis(port=fserver.port)
+        try:
+            with pytest.raises(openai.BadRequestError):
+                await AsyncCachedOpenAI(r, "oa").chat.completions.create(
+                    model=CHAT_MODEL, messages=[], stream=True)
+        finally:
+            await r.aclose()
+    asyncio.run(go())
+    # A stream that starts still yields every chunk, the first included.
+    req = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "eager"}]}
+    with client.chat.completions.create(**req, stream=True) as stream:
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == client.chat.completions.create(**req).choices[0].message.content
+
+
+def test_openai_facade_with_options_stays_cached(f, upstream):
+    pytest.importorskip("openai")
+    from aicache.openai_compat import CachedOpenAI
+
+    class Fallback:
+        def with_options(self, **kw):
+            raise AssertionError("with_options reached the fallback client")
+
+    with CachedOpenAI(f, "oa", fallback=Fallback()) as client:
+        tuned = client.with_options(timeout=5, max_retries=3)
+        assert isinstance(tuned, CachedOpenAI) and tuned._timeout_ms == 5000
+        tuned.embeddings.create(model=M, input="opt")
+        client.embeddings.create(model=M, input="opt")
+        assert upstream.calls() == 1
+        with pytest.raises(AttributeError, match="bypass the cache"):
+            client.with_raw_response
+
+
 def test_openai_facade_forwards_other_endpoints_to_the_fallback(f):
     pytest.importorskip("openai")
     from aicache.openai_compat import CachedOpenAI
@@ -501,3 +558,22 @@ def test_async_openai_facade(fserver, f, upstream):
     assert isinstance(plain, ChatCompletion)
     assert stream_text(chunks) == plain.choices[0].message.content
     assert upstream.calls("chat") == 1 and upstream.calls("embeddings") == 1
+
+
+def test_chat_openai_on_another_base_url_never_reads_the_shared_entry(f, upstream):
+    """Two endpoints may serve one model name: only a listed base URL shares
+    entries keyed on the bare request."""
+    pytest.importorskip("langchain_core")
+    cache = llm_cache(f, upstream)
+    shared = chat_openai(upstream, cache)
+    other_url = upstream.url.replace("127.0.0.1", "localhost")
+    lc_openai = pytest.importorskip("langchain_openai")
+    other = lc_openai.ChatOpenAI(model=CHAT_MODEL, base_url=other_url, api_key="sk-unused",
+                                 temperature=0, max_retries=0, cache=cache)
+    shared.invoke("which endpoint?")
+    assert upstream.calls("chat") == 1
+    other.invoke("which endpoint?")
+    assert upstream.calls("chat") == 2, "the other endpoint was answered from the shared entry"
+    other.invoke("which endpoint?")
+    shared.invoke("which endpoint?")
+    assert upstream.calls("chat") == 2, "each endpoint's own entry must hit"

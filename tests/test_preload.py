@@ -153,11 +153,19 @@ def test_a_rerun_resumes_after_the_completed_batches(f, fserver, upstream, tmp_p
     assert cached(f, texts) == [expected(t) for t in texts]
     code, s = preload(fserver, *args)
     assert (code, s["hits"], s["filled"]) == (0, 0, 0), "a finished input is not redone"
+    # The same input into another DB (or server) is other work, not a resume.
+    code, s = preload(fserver, *args, "--url", f"redis://127.0.0.1:{fserver.port}/1")
+    assert (code, s["resumed_from"], s["filled"]) == (0, 0, 50)
+    db1 = fserver.client(db=1)
+    assert cached(db1, texts) == [expected(t) for t in texts]
+    db1.close()
+    code, s = preload(fserver, *args)
+    assert (code, s["resumed_from"], s["hits"], s["filled"]) == (0, 0, 50, 0)
     # Another input starts over.
     path.write_text("\n".join(texts + ["one more"]) + "\n")
     code, s = preload(fserver, *args)
     assert (code, s["resumed_from"], s["hits"], s["filled"]) == (0, 0, 50, 1)
-    assert sent(upstream) == 51
+    assert sent(upstream) == 101
 
 
 def test_a_killed_run_resumes_without_resending(f, fserver, upstream, tmp_path):

@@ -40,7 +40,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 from langchain_core.caches import RETURN_VAL_TYPE, BaseCache
 from langchain_core.embeddings import Embeddings
@@ -208,14 +208,20 @@ class _ChatOpenAIRebuilder:
 _REBUILDER = _ChatOpenAIRebuilder()
 
 
-def _openai_request(messages, llm_string: str):
+def _openai_request(messages, llm_string: str, shared_base_urls: Iterable[str] = ()):
     """(request, model) where request is exactly the chat-completions body the
-    ChatOpenAI described by llm_string sends for messages, or (None, None)."""
+    ChatOpenAI described by llm_string sends for messages, or (None, None).
+    A model with its own base URL shares entries only when that URL is one
+    of ``shared_base_urls``: two endpoints may serve one model name with
+    different answers, and the request body would not tell them apart."""
     serialized, params = _split_llm_string(llm_string)
     if serialized is None or messages is None:
         return None, None
     model = _REBUILDER.get(serialized)
     if model is None:
+        return None, None
+    base = getattr(model, "openai_api_base", None)
+    if base and base.rstrip("/") not in {u.rstrip("/") for u in shared_base_urls}:
         return None, None
     # ls_* keys are LangChain tracing metadata that never reach the API.
     params = {k: v for k, v in params.items() if not k.startswith("ls_")}
@@ -224,6 +230,10 @@ def _openai_request(messages, llm_string: str):
         payload = model._get_request_payload(messages, stop=stop, **params)
         if model._use_responses_api(payload) or "messages" not in payload:
             return None, None
+        # The SDK merges extra_body into the body it sends.
+        extra = payload.pop("extra_body", None)
+        if isinstance(extra, dict):
+            payload.update(extra)
         # The module keys on JSON: a payload that does not survive it exactly
         # (a Pydantic response_format, a tuple) is not what went on the wire.
         body = json.loads(json.dumps(payload, allow_nan=False))
@@ -266,10 +276,11 @@ def synthetic_request(prompt: str, llm_string: str, messages=None) -> dict:
             .hexdigest()}
 
 
-def request_for(prompt: str, llm_string: str) -> Tuple[dict, Any, bool]:
+def request_for(prompt: str, llm_string: str,
+                shared_base_urls: Iterable[str] = ()) -> Tuple[dict, Any, bool]:
     """(request, rebuilt ChatOpenAI or None, is_chat) for a cache call."""
     messages = _parse_messages(prompt)
-    req, model = _openai_request(messages, llm_string)
+    req, model = _openai_request(messages, llm_string, shared_base_urls)
     if req is None:
         req = synthetic_request(prompt, llm_string, messages)
     return req, model, messages is not None
@@ -411,10 +422,15 @@ class AICacheLLMCache(BaseCache):
 
     ``clear()`` runs ``LLMCACHE.FLUSH`` on the namespace (``chat_flush``): every chat entry of
     the namespace becomes unreachable at once, whoever wrote it.
+
+    ``shared_base_urls``: a ``ChatOpenAI`` with its own ``base_url`` shares
+    entries with direct ``LLMCACHE.FETCH`` callers only when that URL is
+    listed (normally the module's ``aicache.upstream-url``); otherwise its
+    entries are keyed on the whole ``llm_string``, base URL included.
     """
 
     def __init__(self, client: Any = None, *, async_client: Any = None,
-                 ex: Optional[int] = None) -> None:
+                 ex: Optional[int] = None, shared_base_urls: Iterable[str] = ()) -> None:
         if _is_async_client(client) and async_client is None:
             client, async_client = None, client
         if client is None and async_client is None:
@@ -422,6 +438,7 @@ class AICacheLLMCache(BaseCache):
         self.client = client
         self.async_client = async_client
         self.ex = ex
+        self.shared_base_urls = tuple(shared_base_urls)
 
     def _sync(self) -> Any:
         if self.client is None:
@@ -431,12 +448,12 @@ class AICacheLLMCache(BaseCache):
     # -- sync
 
     def lookup(self, prompt: str, llm_string: str) -> Optional[RETURN_VAL_TYPE]:
-        request, model, is_chat = request_for(prompt, llm_string)
+        request, model, is_chat = request_for(prompt, llm_string, self.shared_base_urls)
         body = self._sync().chat_get(request)
         return None if body is None else _generations_from_completion(body, model, is_chat)
 
     def update(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
-        request, _, _ = request_for(prompt, llm_string)
+        request, _, _ = request_for(prompt, llm_string, self.shared_base_urls)
         body = _completion_from_generations(request, return_val)
         if body is None:
             return
@@ -455,7 +472,7 @@ class AICacheLLMCache(BaseCache):
         if self.async_client is None:
             return await asyncio.get_running_loop().run_in_executor(
                 None, self.lookup, prompt, llm_string)
-        request, model, is_chat = request_for(prompt, llm_string)
+        request, model, is_chat = request_for(prompt, llm_string, self.shared_base_urls)
         body = await self.async_client.chat_get(request)
         return None if body is None else _generations_from_completion(body, model, is_chat)
 
@@ -463,7 +480,7 @@ class AICacheLLMCache(BaseCache):
         if self.async_client is None:
             return await asyncio.get_running_loop().run_in_executor(
                 None, self.update, prompt, llm_string, return_val)
-        request, _, _ = request_for(prompt, llm_string)
+        request, _, _ = request_for(prompt, llm_string, self.shared_base_urls)
         body = _completion_from_generations(request, return_val)
         if body is None:
             return None

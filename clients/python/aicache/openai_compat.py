@@ -40,7 +40,9 @@ What differs from the SDK:
 from __future__ import annotations
 
 import base64
+import copy
 import inspect
+import itertools
 from typing import Any, AsyncIterator, Iterator, List, Optional
 
 import numpy as np
@@ -171,6 +173,11 @@ def _openai_error(e: BaseException, path: str) -> BaseException:
         return e
     if not isinstance(e, E.AICacheError):
         return e
+    if isinstance(e, E.BatchError) and e.errors:
+        # The SDK has no partial failure: the first refused input's error
+        # is the request's, as OpenAI answers a batch with one bad input.
+        first = e.errors[min(e.errors)]
+        return _openai_error(first, path) if first is not e else e
     import openai
     msg = str(e)
     body = {"message": msg, "type": "aicache_" + type(e).__name__}
@@ -203,13 +210,17 @@ def _raise_as_openai(e: BaseException, path: str):
     raise out from e
 
 
+# Client-wide SDK wrappers that would hand back the fallback client.
+_UNCACHED_WRAPPERS = frozenset({"with_raw_response", "with_streaming_response", "copy"})
+
 # ---------------------------------------------------------------- sync
 
 class CachedStream:
     """The chunks of a streamed completion, as ``ChatCompletionChunk``."""
 
-    def __init__(self, chunks: Iterator[dict], request: dict) -> None:
+    def __init__(self, chunks: Iterator[dict], request: dict, close: Any = None) -> None:
         self._chunks = chunks
+        self._closing = close if close is not None else chunks
         self._step = _chunk_filter(request)
 
     def __iter__(self) -> Iterator[Any]:
@@ -228,7 +239,7 @@ class CachedStream:
                 return out
 
     def close(self) -> None:
-        close = getattr(self._chunks, "close", None)
+        close = getattr(self._closing, "close", None)
         if close is not None:
             close()
 
@@ -273,11 +284,16 @@ class _Completions:
         if o._ex is not None:
             kw["ex"] = o._ex
         if request.get("stream") is True:
+            # The SDK raises a refused or throttled stream from create(), so
+            # retry wrappers around create() work: start it here.
+            chunks = iter(o._cache.stream(request, **kw))
             try:
-                chunks = iter(o._cache.stream(request, **kw))
+                first = [next(chunks)]
+            except StopIteration:
+                first = []
             except Exception as e:  # noqa: BLE001
                 _raise_as_openai(e, "chat/completions")
-            return CachedStream(chunks, request)
+            return CachedStream(itertools.chain(first, chunks), request, close=chunks)
         try:
             body = o._cache.chat(request, **kw)
         except Exception as e:  # noqa: BLE001
@@ -315,8 +331,31 @@ class CachedOpenAI:
         self.embeddings = _Embeddings(self)
         self.chat = _Chat(self, _Completions(self))
 
+    def with_options(self, *, timeout: Any = None, **_ignored: Any) -> "CachedOpenAI":
+        """A copy with another default ``timeout`` (seconds); the other SDK
+        options concern HTTP and do not apply. Never the fallback client: its
+        calls would skip the cache."""
+        twin = copy.copy(self)
+        twin.embeddings = type(self.embeddings)(twin)
+        twin.chat = _Chat(twin, type(self.chat.completions)(twin))
+        if timeout is not None:
+            twin._timeout_ms = _timeout_ms(timeout, self._timeout_ms)
+        return twin
+
+    def close(self) -> None:
+        """The redis client is the caller's; nothing to release here."""
+
+    def __enter__(self) -> "CachedOpenAI":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def __getattr__(self, name: str) -> Any:
         fallback = self.__dict__.get("_fallback")
+        if name in _UNCACHED_WRAPPERS:
+            raise AttributeError(f"CachedOpenAI.{name} would bypass the cache; "
+                                 f"use with_options() or the fallback client directly")
         if fallback is None or name.startswith("__"):
             raise AttributeError(f"CachedOpenAI serves embeddings and chat.completions; "
                                  f"pass fallback=OpenAI() to reach {name!r}")
@@ -331,18 +370,37 @@ class AsyncCachedStream:
     def __init__(self, chunks: Any, request: dict) -> None:
         self._source = chunks
         self._chunks: Optional[AsyncIterator[dict]] = None
+        self._first: List[dict] = []
         self._step = _chunk_filter(request)
 
     def __aiter__(self) -> "AsyncCachedStream":
         return self
 
+    async def start(self) -> None:
+        """Starts the stream and holds its first chunk, so a refusal is
+        raised now rather than at the first iteration."""
+        if self._chunks is not None:
+            return
+        src = self._source
+        if inspect.isawaitable(src):
+            src = await src
+        self._chunks = src.__aiter__()
+        try:
+            self._first = [await self._chunks.__anext__()]
+        except StopAsyncIteration:
+            self._first = []
+        except Exception as e:  # noqa: BLE001
+            _raise_as_openai(e, "chat/completions")
+
     async def __anext__(self):
         if self._chunks is None:
-            src = self._source
-            if inspect.isawaitable(src):
-                src = await src
-            self._chunks = src.__aiter__()
+            await self.start()
         while True:
+            if self._first:
+                out = self._step(self._first.pop())
+                if out is not None:
+                    return out
+                continue
             try:
                 chunk = await self._chunks.__anext__()
             except StopAsyncIteration:
@@ -400,7 +458,9 @@ class _AsyncCompletions:
         if o._ex is not None:
             kw["ex"] = o._ex
         if request.get("stream") is True:
-            return AsyncCachedStream(o._cache.stream(request, **kw), request)
+            stream = AsyncCachedStream(o._cache.stream(request, **kw), request)
+            await stream.start()  # errors from create(), as the SDK raises them
+            return stream
         try:
             body = await o._cache.chat(request, **kw)
         except Exception as e:  # noqa: BLE001
@@ -425,3 +485,12 @@ class AsyncCachedOpenAI(CachedOpenAI):
         super().__init__(cache=cache, timeout_ms=timeout_ms, ex=ex, fallback=fallback)
         self.embeddings = _AsyncEmbeddings(self)
         self.chat = _Chat(self, _AsyncCompletions(self))
+
+    async def close(self) -> None:  # type: ignore[override]
+        """The redis client is the caller's; nothing to release here."""
+
+    async def __aenter__(self) -> "AsyncCachedOpenAI":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()

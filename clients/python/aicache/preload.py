@@ -190,11 +190,13 @@ def load_items(args):
     return fmt, read_query_log(args.file, args.top)
 
 
-def input_digest(fmt, ns, model, items):
-    """Identifies the work list: the items in order and where they go. Batch
-    size, timeouts and the connection may change between runs; these may not."""
+def input_digest(fmt, ns, model, items, target=""):
+    """Identifies the work list: the items in order and where they go (the
+    server and DB too: a run against staging is not one against prod).
+    Batch size and timeouts may change between runs; these may not."""
     h = hashlib.sha256()
-    for f in (b"aicache-preload:v1", fmt.encode(), ns.encode(), (model or "").encode(), *items):
+    for f in (b"aicache-preload:v1", fmt.encode(), ns.encode(), (model or "").encode(),
+              target.encode(), *items):
         h.update(len(f).to_bytes(8, "big"))
         h.update(f)
     return h.hexdigest()
@@ -461,6 +463,13 @@ def parse_args(argv):
     return a
 
 
+def target_of(r):
+    """host:port/db (or the socket path) the client talks to."""
+    kw = r.connection_pool.connection_kwargs
+    where = kw.get("path") or f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}"
+    return f"{where}/{kw.get('db', 0)}"
+
+
 def connect(a):
     # The socket must outlast the longest FETCH we ask the module to wait for.
     kw = {"socket_timeout": a.timeout / 1000.0 + 30, "socket_connect_timeout": 10}
@@ -515,12 +524,12 @@ def main(argv=None):
         print(f"aicache preload: {e}", file=sys.stderr)
         return EXIT_USAGE
     state_path = a.state or a.file + ".aicache-preload.json"
-    digest = input_digest(fmt, a.ns, a.model, items.items)
+    r = connect(a)
+    digest = input_digest(fmt, a.ns, a.model, items.items, target_of(r))
     done, retry, note = load_state(state_path, digest, len(items.items), a.restart)
     if note:
         print(f"aicache preload: {note}", file=sys.stderr)
 
-    r = connect(a)
     job = Preload(r, a, items)
     stopped = None
     # SIGTERM ends the run like Ctrl-C: the summary still prints, and the
