@@ -128,6 +128,28 @@ def test_emb_fetch_racing_its_timeout_replies_exactly_once(f, fserver, upstream)
     assert not problems, f"{len(problems)} of {len(SWEEP)} FETCHes: " + "; ".join(problems[:5])
 
 
+def test_withmeta_fetch_racing_its_timeout_replies_exactly_once(f, fserver, upstream):
+    """WITHMETA reads TTLs when the blocked reply is rendered: the same race,
+    with the two-level reply."""
+    upstream.latency(L_MS)
+    problems = []
+    for t in SWEEP:
+        text = unique("race-meta")
+
+        def ok(rep, want=[expected(text)]):
+            if timed_out(rep):
+                return True
+            values, metas = rep
+            status, age, ttl = metas[0]
+            return values == want and (status, age) == (b"miss", 0) and ttl > 0
+
+        why = one_reply_then_echo(
+            fserver.port, ["EMBCACHE.FETCH", "ns", M, 1, text, "TIMEOUT", t, "WITHMETA"], ok)
+        if why:
+            problems.append(f"TIMEOUT {t}: {why}")
+    assert not problems, f"{len(problems)} of {len(SWEEP)} FETCHes: " + "; ".join(problems[:5])
+
+
 def test_llm_fetch_racing_its_timeout_replies_exactly_once(f, fserver, upstream):
     upstream.latency(L_MS)
     problems = []

@@ -349,11 +349,10 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         true => tenant(ctx, &cfg, opts.tenant.as_deref(), &ns)?,
         false => None,
     };
-    let hit_inputs = order.iter().filter(|&&s| entries[s].hit.is_some()).count() as u64;
-    let saved: u64 = order
+    let (hit_inputs, saved) = order
         .iter()
-        .filter_map(|&s| entries[s].hit.as_ref().map(|_| entries[s].tokens))
-        .sum();
+        .filter(|&&s| entries[s].hit.is_some())
+        .fold((0u64, 0u64), |(n, t), &s| (n + 1, t + entries[s].tokens));
     let spec = EmbedSpec {
         url: crate::config::embeddings_url(),
         model: model_str.to_string(),

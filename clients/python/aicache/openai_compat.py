@@ -259,10 +259,7 @@ class _Embeddings:
                extra_headers: Any = None, extra_query: Any = None, extra_body: Any = None):
         o = self._owner
         texts = _texts(input)
-        kw = {"dimensions": dimensions if _given(dimensions) else None,
-              "timeout_ms": _timeout_ms(timeout, o._timeout_ms)}
-        if o._ex is not None:
-            kw["ex"] = o._ex
+        kw = o._call_options(timeout, dimensions=dimensions if _given(dimensions) else None)
         try:
             arr = o._cache.embed(texts, model, **kw)
         except Exception as e:  # noqa: BLE001
@@ -278,11 +275,8 @@ class _Completions:
     def create(self, **kwargs: Any):
         from openai.types.chat import ChatCompletion
         o = self._owner
-        timeout_ms = _timeout_ms(kwargs.get("timeout"), o._timeout_ms)
         request = _chat_request(kwargs)
-        kw = {"timeout_ms": timeout_ms}
-        if o._ex is not None:
-            kw["ex"] = o._ex
+        kw = o._call_options(kwargs.get("timeout"))
         if request.get("stream") is True:
             # The SDK raises a refused or throttled stream from create(), so
             # retry wrappers around create() work: start it here.
@@ -330,6 +324,13 @@ class CachedOpenAI:
         self._fallback = fallback
         self.embeddings = _Embeddings(self)
         self.chat = _Chat(self, _Completions(self))
+
+    def _call_options(self, timeout: Any, **extra: Any) -> dict:
+        """The AICache keyword arguments of one SDK call."""
+        kw = {"timeout_ms": _timeout_ms(timeout, self._timeout_ms), **extra}
+        if self._ex is not None:
+            kw["ex"] = self._ex
+        return kw
 
     def with_options(self, *, timeout: Any = None, **_ignored: Any) -> "CachedOpenAI":
         """A copy with another default ``timeout`` (seconds); the other SDK
@@ -433,10 +434,7 @@ class _AsyncEmbeddings:
                      extra_body: Any = None):
         o = self._owner
         texts = _texts(input)
-        kw = {"dimensions": dimensions if _given(dimensions) else None,
-              "timeout_ms": _timeout_ms(timeout, o._timeout_ms)}
-        if o._ex is not None:
-            kw["ex"] = o._ex
+        kw = o._call_options(timeout, dimensions=dimensions if _given(dimensions) else None)
         try:
             arr = await o._cache.embed(texts, model, **kw)
         except Exception as e:  # noqa: BLE001
@@ -452,11 +450,8 @@ class _AsyncCompletions:
     async def create(self, **kwargs: Any):
         from openai.types.chat import ChatCompletion
         o = self._owner
-        timeout_ms = _timeout_ms(kwargs.get("timeout"), o._timeout_ms)
         request = _chat_request(kwargs)
-        kw = {"timeout_ms": timeout_ms}
-        if o._ex is not None:
-            kw["ex"] = o._ex
+        kw = o._call_options(kwargs.get("timeout"))
         if request.get("stream") is True:
             stream = AsyncCachedStream(o._cache.stream(request, **kw), request)
             await stream.start()  # errors from create(), as the SDK raises them
