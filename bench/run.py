@@ -19,6 +19,7 @@ from helpers import Server  # noqa: E402
 
 import client_overhead  # noqa: E402
 import cluster_failover  # noqa: E402
+import economy  # noqa: E402
 import fills  # noqa: E402
 import flush  # noqa: E402
 import langchain_compare  # noqa: E402
@@ -173,3 +174,4 @@ if __name__ == "__main__":
     print(client_overhead.run())
     print(langchain_compare.run())
     print(cluster_failover.run())
+    print(economy.run())

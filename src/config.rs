@@ -95,6 +95,35 @@ pub static API_KEY_ENV: Checked = Checked::new(check_env_name, "OPENAI_API_KEY")
 /// File holding the API key; wins over the environment variable.
 pub static API_KEY_FILE: Checked = Checked::new(check_key_file, "");
 
+/// Misses for the same (route, model, dimensions) arriving within this
+/// many ms of the first go upstream as one request; 0 = off.
+pub static BATCH_WINDOW_MS: Bounded = Bounded::new(5, 0, 1_000);
+/// A hit in the last this-% of its TTL refreshes the entry in the
+/// background; 0 = off.
+pub static REFRESH_AHEAD_PCT: Bounded = Bounded::new(0, 0, 90);
+/// Entries being refreshed ahead at once; more hits in the window wait
+/// for the next read.
+pub static REFRESH_MAX_INFLIGHT: Bounded = Bounded::new(256, 1, 1 << 20);
+/// Consecutive failures that open an endpoint's circuit; 0 = never.
+pub static BREAKER_FAILURES: Bounded = Bounded::new(5, 0, 10_000);
+/// The failures must fall within this many ms.
+pub static BREAKER_WINDOW_MS: Bounded = Bounded::new(10_000, 1, 3_600_000);
+/// How long an open circuit refuses before one probe may go.
+pub static BREAKER_COOLDOWN_MS: Bounded = Bounded::new(5_000, 1, 3_600_000);
+/// Extra endpoints (see routes.rs for the grammar); empty slots are unused.
+pub static ROUTES: [Checked; crate::model::routes::MAX_ROUTES] =
+    [const { Checked::new(check_route, "") }; crate::model::routes::MAX_ROUTES];
+
+pub const ROUTE_CHECKS: crate::model::routes::Checks = crate::model::routes::Checks {
+    url: check_base_url,
+    env: check_env_name,
+    file: check_key_file,
+};
+
+fn check_route(s: &str) -> Result<(), String> {
+    crate::model::routes::parse(s, &ROUTE_CHECKS).map(|_| ())
+}
+
 /// An integer config that checks its own range: Redis checks `CONFIG SET`,
 /// but not values given on the `loadmodule` line.
 pub struct Bounded {

@@ -38,6 +38,7 @@ fn init(ctx: &Context, _args: &[RedisString]) -> Status {
     redis::events::on_resetstat(ctx, || {
         stats::STATS.reset();
         stats::FILL_LATENCY.reset();
+        fill::endpoints::table().reset_stats();
     });
     log_key_source();
     Status::Ok
@@ -50,6 +51,9 @@ fn log_key_source() {
     redis_module::logging::log_notice(&line);
     if let Some(w) = fill::apikey::cleartext_warning() {
         redis_module::logging::log_warning(model::errors::sanitize(&w));
+    }
+    for line in fill::apikey::route_lines() {
+        redis_module::logging::log_notice(model::errors::sanitize(&line));
     }
 }
 
@@ -76,6 +80,7 @@ fn deinit(ctx: &Context) -> Status {
         || fill::pool::queue_depth() > 0
         || redis::blocked::live_timers() > 0
         || fill::pool::busy() > 0
+        || fill::batcher::open_batches() > 0
         || redis::keywait::wake_pending()
     {
         ctx.log_warning("aicache: fills are still running; MODULE UNLOAD refused, try again");
@@ -120,7 +125,12 @@ fn info_section(ctx: &InfoContext, for_crash_report: bool) -> RedisResult<()> {
             .field("fills_in_flight", fill::pipeline::fills_in_flight() as u64)?
             .field("queue_depth", fill::pool::queue_depth() as u64)?
             .field("workers", fill::pool::workers() as u64)?
-            .field("deadline_timers", redis::blocked::live_timers())?;
+            .field("deadline_timers", redis::blocked::live_timers())?
+            .field("batches_open", fill::batcher::open_batches() as u64)?
+            .field("refreshes_in_flight", fill::refresh::in_flight() as u64)?;
+        for (name, value) in fill::endpoints::table().info() {
+            section = section.field(&name, value)?;
+        }
     }
     section.build_section()?.build_info()?;
     Ok(())
@@ -191,6 +201,12 @@ redis_module! {
             ["upstream-retries", &RETRIES, RETRIES.default, RETRIES.min, RETRIES.max, ConfigurationFlags::DEFAULT, None],
             ["upstream-backoff-base-ms", &BACKOFF_BASE_MS, BACKOFF_BASE_MS.default, BACKOFF_BASE_MS.min, BACKOFF_BASE_MS.max, ConfigurationFlags::DEFAULT, None],
             ["upstream-backoff-cap-ms", &BACKOFF_CAP_MS, BACKOFF_CAP_MS.default, BACKOFF_CAP_MS.min, BACKOFF_CAP_MS.max, ConfigurationFlags::DEFAULT, None],
+            ["batch-window-ms", &BATCH_WINDOW_MS, BATCH_WINDOW_MS.default, BATCH_WINDOW_MS.min, BATCH_WINDOW_MS.max, ConfigurationFlags::DEFAULT, None],
+            ["refresh-ahead-pct", &REFRESH_AHEAD_PCT, REFRESH_AHEAD_PCT.default, REFRESH_AHEAD_PCT.min, REFRESH_AHEAD_PCT.max, ConfigurationFlags::DEFAULT, None],
+            ["refresh-max-inflight", &REFRESH_MAX_INFLIGHT, REFRESH_MAX_INFLIGHT.default, REFRESH_MAX_INFLIGHT.min, REFRESH_MAX_INFLIGHT.max, ConfigurationFlags::DEFAULT, None],
+            ["breaker-failures", &BREAKER_FAILURES, BREAKER_FAILURES.default, BREAKER_FAILURES.min, BREAKER_FAILURES.max, ConfigurationFlags::DEFAULT, None],
+            ["breaker-window-ms", &BREAKER_WINDOW_MS, BREAKER_WINDOW_MS.default, BREAKER_WINDOW_MS.min, BREAKER_WINDOW_MS.max, ConfigurationFlags::DEFAULT, None],
+            ["breaker-cooldown-ms", &BREAKER_COOLDOWN_MS, BREAKER_COOLDOWN_MS.default, BREAKER_COOLDOWN_MS.min, BREAKER_COOLDOWN_MS.max, ConfigurationFlags::DEFAULT, None],
         ],
         string: [
             ["key-prefix", &KEY_PREFIX, DEFAULT_KEY_PREFIX, ConfigurationFlags::DEFAULT, None],
@@ -201,6 +217,15 @@ redis_module! {
             ["upstream-chat-url", &CHAT_URL, "", ConfigurationFlags::PROTECTED, None],
             ["api-key-env", &API_KEY_ENV, "OPENAI_API_KEY", ConfigurationFlags::PROTECTED, Some(Box::new(on_key_config))],
             ["api-key-file", &API_KEY_FILE, "", ConfigurationFlags::PROTECTED, Some(Box::new(on_key_config))],
+            // Routes name URLs and key sources: admin-only, like upstream-url.
+            ["route-1", &ROUTES[0], "", ConfigurationFlags::PROTECTED, Some(Box::new(on_key_config))],
+            ["route-2", &ROUTES[1], "", ConfigurationFlags::PROTECTED, Some(Box::new(on_key_config))],
+            ["route-3", &ROUTES[2], "", ConfigurationFlags::PROTECTED, Some(Box::new(on_key_config))],
+            ["route-4", &ROUTES[3], "", ConfigurationFlags::PROTECTED, Some(Box::new(on_key_config))],
+            ["route-5", &ROUTES[4], "", ConfigurationFlags::PROTECTED, Some(Box::new(on_key_config))],
+            ["route-6", &ROUTES[5], "", ConfigurationFlags::PROTECTED, Some(Box::new(on_key_config))],
+            ["route-7", &ROUTES[6], "", ConfigurationFlags::PROTECTED, Some(Box::new(on_key_config))],
+            ["route-8", &ROUTES[7], "", ConfigurationFlags::PROTECTED, Some(Box::new(on_key_config))],
             ["tenant-source", &TENANT_SOURCE, "arg", ConfigurationFlags::DEFAULT, None],
             ["model-dims", &MODEL_DIMS, model::pins::DEFAULT_MODEL_DIMS, ConfigurationFlags::DEFAULT, None],
         ],

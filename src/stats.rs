@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+#[derive(Default)]
 pub struct Counter(AtomicU64);
 
 impl Counter {
@@ -20,6 +21,10 @@ impl Counter {
 
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
+    }
+
+    pub fn reset(&self) {
+        self.0.store(0, Ordering::Relaxed);
     }
 }
 
@@ -80,6 +85,13 @@ counters!(
     tokens_prompt,
     tokens_completion,
     tokens_total,
+    batched_requests,
+    batched_calls,
+    chat_fallbacks,
+    failovers,
+    circuit_rejections,
+    refreshes_started,
+    refreshes_skipped,
 );
 
 /// Upper bounds (ms) of the fill latency buckets, as Prometheus `le`.
@@ -93,12 +105,22 @@ pub struct Latency {
     sum_ms: Counter,
 }
 
-pub static FILL_LATENCY: Latency = Latency {
-    buckets: [const { Counter::new() }; LATENCY_BOUNDS_MS.len() + 1],
-    sum_ms: Counter::new(),
-};
+pub static FILL_LATENCY: Latency = Latency::new();
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency::new()
+    }
+}
 
 impl Latency {
+    pub const fn new() -> Self {
+        Latency {
+            buckets: [const { Counter::new() }; LATENCY_BOUNDS_MS.len() + 1],
+            sum_ms: Counter::new(),
+        }
+    }
+
     pub fn record(&self, ms: u64) {
         let i = LATENCY_BOUNDS_MS
             .iter()
@@ -119,18 +141,23 @@ impl Latency {
     /// `_le_inf`, `_count`, `_sum_ms`), so they map onto a Prometheus
     /// histogram one to one.
     pub fn fields(&self) -> Vec<(String, u64)> {
+        self.fields_named("fill_latency")
+    }
+
+    /// The same fields under another name (one histogram per endpoint).
+    pub fn fields_named(&self, name: &str) -> Vec<(String, u64)> {
         let mut total = 0;
         let mut out = Vec::with_capacity(self.buckets.len() + 2);
         for (i, b) in self.buckets.iter().enumerate() {
             total += b.get();
             let name = match LATENCY_BOUNDS_MS.get(i) {
-                Some(ms) => format!("fill_latency_le_{ms}"),
-                None => "fill_latency_le_inf".to_string(),
+                Some(ms) => format!("{name}_le_{ms}"),
+                None => format!("{name}_le_inf"),
             };
             out.push((name, total));
         }
-        out.push(("fill_latency_count".to_string(), total));
-        out.push(("fill_latency_sum_ms".to_string(), self.sum_ms.get()));
+        out.push((format!("{name}_count"), total));
+        out.push((format!("{name}_sum_ms"), self.sum_ms.get()));
         out
     }
 }
@@ -144,10 +171,7 @@ mod tests {
 
     #[test]
     fn latency_buckets_are_cumulative_and_bounds_inclusive() {
-        let l = Latency {
-            buckets: [const { Counter::new() }; LATENCY_BOUNDS_MS.len() + 1],
-            sum_ms: Counter::new(),
-        };
+        let l = Latency::new();
         for ms in [0, 10, 11, 30_000, 30_001] {
             l.record(ms);
         }

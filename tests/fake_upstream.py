@@ -15,8 +15,18 @@ POST /_poison              JSON: {"marker": "POISON", "status": 400, "message": 
 POST /_stream              JSON: {"chunks": n, "delay_ms": d}: streamed answers come in
                            n content pieces (null: about 8 characters each) and
                            wait d ms before every event after the first
-POST /_reset               clears faults, poison, latency, stream settings and counters
-GET  /_stats               counters: calls, streamed calls, inputs per call, API
+POST /_auth                JSON: {"style": "bearer" | "azure", "key": "..."}: until /_reset,
+                           API calls without that credential (Authorization: Bearer, or
+                           the api-key header) get 401
+POST /_reset               clears faults, poison, latency, stream settings, auth and counters
+
+Azure-style paths are served too: /openai/deployments/<d>/embeddings and
+/openai/deployments/<d>/chat/completions, with ?api-version= required.
+Each instance has a name (--name, default "fake"): every API answer carries
+an X-Upstream header with it, and chat answers a "system_fingerprint" of
+"fp_<name>" when the name was given, so a test sees which instance served.
+GET  /_stats               counters: calls, streamed calls, inputs per answered call
+                           (sizes: per embeddings call, refused ones too), API
                            connections opened, peak concurrency, Authorization
                            headers seen, poisoned answers
 
@@ -102,6 +112,11 @@ class State:
         self.poison = None  # {"marker", "status", "message"} once /_poison is called
         self.poisoned = 0
         self.last_api_reply = 0.0
+        self.require = None  # {"style", "key"} once /_auth is called
+        self.api_keys = []
+        self.paths = []
+        self.refused_auth = 0
+        self.sizes = []  # inputs of every embeddings call, refused ones too
 
     def snapshot(self):
         with self.lock:
@@ -116,6 +131,10 @@ class State:
                 "faults_left": len(self.faults),
                 "poisoned": self.poisoned,
                 "last_api_reply": self.last_api_reply,
+                "api_keys": sorted(set(self.api_keys)),
+                "paths": list(self.paths),
+                "refused_auth": self.refused_auth,
+                "sizes": list(self.sizes),
             }
 
     def next_fault(self):
@@ -130,6 +149,8 @@ class State:
 
 
 STATE = State()
+NAME = "fake"
+NAMED = False
 
 
 def vector(model, text, dims):
@@ -260,6 +281,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for k, v in headers:
             self.send_header(k, v)
+        self.send_header("X-Upstream", NAME)
         self.end_headers()
         self.wfile.write(body)
 
@@ -297,6 +319,12 @@ class Handler(BaseHTTPRequestHandler):
                                 "status": req.get("status", 400),
                                 "message": req.get("message") or POISON_MESSAGE}
             return self.send_json(200, {"ok": True})
+        if self.path == "/_auth":
+            req = json.loads(body)
+            assert req["style"] in ("bearer", "azure"), req
+            with STATE.lock:
+                STATE.require = {"style": req["style"], "key": req["key"]}
+            return self.send_json(200, {"ok": True})
         if self.path == "/_stream":
             req = json.loads(body)
             chunks = req.get("chunks")
@@ -305,9 +333,23 @@ class Handler(BaseHTTPRequestHandler):
                 STATE.stream_chunks = chunks
                 STATE.stream_delay_ms = req.get("delay_ms", 0)
             return self.send_json(200, {"ok": True})
-        kind = {"/v1/embeddings": "embeddings", "/v1/chat/completions": "chat"}.get(self.path)
+        path, _, query = self.path.partition("?")
+        kind = {"/v1/embeddings": "embeddings", "/v1/chat/completions": "chat"}.get(path)
+        azure = re.fullmatch(r"/openai/deployments/([A-Za-z0-9._~%-]+)/(embeddings|chat/completions)", path)
+        if azure:
+            kind = "embeddings" if azure.group(2) == "embeddings" else "chat"
+            if not re.search(r"(^|&)api-version=[A-Za-z0-9-]+", query):
+                return self.send_json(404, {"error": {"message": "api-version is required"}})
         if kind is None:
             return self.send_json(404, {"error": {"message": "no such endpoint"}})
+        with STATE.lock:
+            STATE.paths.append(self.path)
+            STATE.api_keys.append(self.headers.get("api-key", ""))
+            require = STATE.require
+        if require and not self.authorized(require):
+            with STATE.lock:
+                STATE.refused_auth += 1
+            return self.send_json(401, {"error": {"message": "Access denied: invalid key"}})
         with STATE.lock:
             # Connections that carried API calls, not test-control requests.
             if not self.api_connection:
@@ -324,6 +366,10 @@ class Handler(BaseHTTPRequestHandler):
                 time.sleep(latency / 1000.0)
             req = json.loads(body)
             streamed = kind == "chat" and isinstance(req, dict) and req.get("stream") is True
+            if kind == "embeddings" and isinstance(req, dict):
+                inp = req.get("input")
+                with STATE.lock:
+                    STATE.sizes.append(1 if isinstance(inp, str) else len(inp or []))
             if streamed:
                 with STATE.lock:
                     STATE.stream_calls += 1
@@ -344,6 +390,11 @@ class Handler(BaseHTTPRequestHandler):
             with STATE.lock:
                 STATE.active -= 1
                 STATE.last_api_reply = time.time()
+
+    def authorized(self, require):
+        if require["style"] == "azure":
+            return self.headers.get("api-key") == require["key"]
+        return self.headers.get("Authorization") == "Bearer " + require["key"]
 
     def answer_poisoned(self, req, poison):
         """Answers with the poison error when any input holds the marker."""
@@ -428,6 +479,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def chat(self, req, fault):
         out = chat_answer(req)
+        if NAMED:
+            out["system_fingerprint"] = "fp_" + NAME
         kind = fault["kind"] if fault else None
         if kind == "length":
             out["choices"][0]["finish_reason"] = "length"
@@ -474,7 +527,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=8089)
     ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--name", default=None)
     args = ap.parse_args()
+    global NAME, NAMED
+    if args.name:
+        NAME, NAMED = args.name, True
     srv = Server((args.host, args.port), Handler)
     print(f"fake upstream on http://{args.host}:{args.port}/v1", flush=True)
     srv.serve_forever()

@@ -47,6 +47,12 @@ DEFAULT_CONFIGS = {
     "aicache.upstream-backoff-base-ms": "200",
     "aicache.upstream-backoff-cap-ms": "5000",
     "aicache.upstream-base64": "yes",
+    "aicache.batch-window-ms": "5",
+    "aicache.refresh-ahead-pct": "0",
+    "aicache.refresh-max-inflight": "256",
+    "aicache.breaker-failures": "5",
+    "aicache.breaker-window-ms": "10000",
+    "aicache.breaker-cooldown-ms": "5000",
 }
 # Fixed at load or admin-only (PROTECTED): not reset between tests.
 LOAD_TIME_CONFIGS = {
@@ -57,6 +63,7 @@ LOAD_TIME_CONFIGS = {
     "aicache.upstream-chat-url": "",
     "aicache.api-key-env": "OPENAI_API_KEY",
     "aicache.api-key-file": "",
+    **{f"aicache.route-{i}": "" for i in range(1, 9)},
 }
 
 
@@ -183,13 +190,15 @@ def entry_key(ns: bytes, model: bytes, text: bytes, prefix=b"aicache:") -> bytes
 class Upstream:
     """tests/fake_upstream.py in its own process, driven over HTTP."""
 
-    def __init__(self):
+    def __init__(self, name=None):
         import sys
         self.port = free_port()
+        self.name = name
         script = os.path.join(ROOT, "tests", "fake_upstream.py")
-        self.proc = subprocess.Popen([sys.executable, script, "--port", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.url = f"http://127.0.0.1:{self.port}/v1"
+        cmd = [sys.executable, script, "--port", str(self.port)] + (["--name", name] if name else [])
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.url = f"{self.base}/v1"
         wait_for(self._ready, what="fake upstream")
 
     def _ready(self):
@@ -234,6 +243,11 @@ class Upstream:
         (None: about 8 characters each) and wait delay_ms before every SSE
         event after the first."""
         self._post("/_stream", {"chunks": chunks, "delay_ms": delay_ms})
+
+    def require_auth(self, style, key):
+        """Until reset(), API calls must carry `key` as a Bearer token
+        (style "bearer") or in the api-key header ("azure"); others get 401."""
+        self._post("/_auth", {"style": style, "key": key})
 
     def poison(self, marker="POISON", status=400, message=None):
         """Until reset(), embeddings requests with an input containing marker fail

@@ -313,6 +313,10 @@ def test_llamaindex_async_uses_the_async_client(fserver, f, upstream):
     pytest.importorskip("llama_index.core")
     from aicache.llamaindex import AICacheEmbedding
 
+    # The module would merge the adapter's concurrent batches into one
+    # upstream request (micro-batching); this test is about the adapter's cut.
+    f.config_set("aicache.batch-window-ms", 0)
+
     async def go():
         acache = async_cache(fserver.port, "li")
         emb = AICacheEmbedding(sync_cache(dead_redis(), "li"), async_client=acache,

@@ -59,7 +59,9 @@ def test_fills_coalesce_only_within_one_db(f, fserver, upstream):
         assert out == [[expected("t")]] * 2
         for c in (c0, c5):
             assert c.execute_command("EMBCACHE.GET", "dbs", M, "t") == expected("t")
-        assert upstream.calls() == 2
+        # Two fills (one per DB), whether micro-batching sends their inputs
+        # in one request or two.
+        assert sum(upstream.stats()["inputs"]) == 2
     finally:
         c5.flushdb()
 
@@ -145,7 +147,8 @@ def test_module_unload_waits_for_blocked_clients_then_joins_the_pool(upstream):
                extra=["--enable-module-command", "yes"])
     try:
         c = s.client()
-        assert sorted(worker_threads(s.proc.pid)) == ["aicache-append", "aicache-dns0",
+        assert sorted(worker_threads(s.proc.pid)) == ["aicache-append", "aicache-batch",
+                                                      "aicache-dns0",
                                                       "aicache-dns1", "aicache-w0",
                                                       "aicache-w1", "aicache-w2"]
         upstream.reset()

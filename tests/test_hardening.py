@@ -492,6 +492,8 @@ def test_a_job_that_waited_past_its_lease_does_not_claim_a_0_ms_timeout(f, fserv
     # reach a worker only after their leases have run out. Today those report
     # "upstream timed out after 0 ms", blaming an upstream never called.
     upstream.latency(600)
+    # One request per call: micro-batching would merge them.
+    f.config_set("aicache.batch-window-ms", 0)
     workers = info_fields(f)["workers"]
     total = workers + 4
     results = [None] * total

@@ -15,11 +15,13 @@ use crate::config::Settings;
 use crate::fill::call::Shape;
 use crate::fill::pins;
 use crate::fill::pipeline::{self, EmbedSpec, Entry, Kind, Work};
+use crate::fill::refresh;
 use crate::model::codec::{fp32_to_json, is_fp32, parse_vector};
 use crate::model::keys::{
     collapse_whitespace, model_generation_field, Namespace, EMB_GENERATION_FIELD, MAX_MODEL_BYTES,
 };
 use crate::model::quota::estimate_tokens;
+use crate::model::routes::Api;
 use crate::redis::ffi::{self, error};
 use crate::stats::STATS;
 
@@ -337,9 +339,21 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
             e.hit = ffi::with_string(ctx, &e.key, |v| v.filter(|v| is_fp32(v)).map(Arc::from))?;
         }
     }
+    let expiry = (!opts.nostore).then(|| cfg.expiry(opts.ex));
+    // Hits late in their TTL are refreshed in the background.
+    let stale: Vec<usize> = match expiry {
+        Some(x) if !opts.refresh => (0..entries.len())
+            .filter(|&i| entries[i].hit.is_some() && refresh::due(ctx, &entries[i].key, x.ttl_secs))
+            .collect(),
+        _ => Vec::new(),
+    };
     // Only misses go upstream, so only they need their text as a String.
-    for (e, t) in entries.iter_mut().zip(&texts) {
-        if e.hit.is_none() {
+    let mut is_stale = vec![false; entries.len()];
+    for &i in &stale {
+        is_stale[i] = true;
+    }
+    for ((e, t), stale) in entries.iter_mut().zip(&texts).zip(is_stale) {
+        if e.hit.is_none() || stale {
             e.input = String::from_utf8_lossy(t).into_owned();
         }
     }
@@ -354,7 +368,7 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         .filter(|&&s| entries[s].hit.is_some())
         .fold((0u64, 0u64), |(n, t), &s| (n + 1, t + entries[s].tokens));
     let spec = EmbedSpec {
-        url: crate::config::embeddings_url(),
+        plan: crate::fill::endpoints::table().plan(Api::Embeddings, model_str),
         model: model_str.to_string(),
         dims: opts.dims,
         pin_key: opts.dims.is_none().then(|| ns.dims_key()),
@@ -371,7 +385,7 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
             order,
             json: opts.json,
         },
-        expiry: (!opts.nostore).then(|| cfg.expiry(opts.ex)),
+        expiry,
         tenant,
         timeout_ms: opts.timeout_ms.unwrap_or(cfg.wait_timeout_ms),
         batch_size: cfg.batch_size,
@@ -381,7 +395,26 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         fail_memory_ms: cfg.fail_memory_ms,
         with_meta: opts.with_meta,
     };
+    let refreshing = (!stale.is_empty()).then(|| Work {
+        entries: stale
+            .iter()
+            .map(|&i| Entry {
+                key: work.entries[i].key.clone(),
+                input: work.entries[i].input.clone(),
+                tokens: work.entries[i].tokens,
+                hit: None,
+            })
+            .collect(),
+        shape: Shape::Vectors {
+            order: (0..stale.len()).collect(),
+            json: false,
+        },
+        ..work.background()
+    });
     let replied = pipeline::fetch(ctx, work)?;
+    if let Some(w) = refreshing {
+        refresh::start(ctx, w);
+    }
     // Counted once the call is taken: a call refused as a whole (MULTI,
     // replica, spend limits) served nothing and saved nothing.
     let misses = n as u64 - hit_inputs;

@@ -11,11 +11,13 @@ use crate::commands::args::{
 };
 use crate::config::Settings;
 use crate::fill::call::Shape;
-use crate::fill::pipeline::{self, ChatSpec, Entry, Kind, Work};
+use crate::fill::pipeline::{self, ChatFallback, ChatSpec, Entry, Kind, Work};
+use crate::fill::refresh;
 use crate::model::canon::{canonical_request, tokens_in_answer, upstream_body, validate_response};
 use crate::model::keys::LLM_GENERATION_FIELD;
 use crate::model::quota::estimate_tokens;
 use crate::model::reply::{Meta, Reply, Status};
+use crate::model::routes::Api;
 use crate::redis::ffi::{self, error};
 use crate::stats::STATS;
 
@@ -132,7 +134,9 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
                 meta: vec![meta],
                 single: true,
             };
-            return Ok(ffi::send_now(ctx, reply));
+            let sent = ffi::send_now(ctx, reply);
+            refresh_ahead(ctx, &cfg, &args, &opts, key, nostore);
+            return Ok(sent);
         }
     } else if !opts.refresh {
         // Straight from the key's buffer, as LLMCACHE.GET does.
@@ -141,6 +145,7 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         })?;
         if let Some((sent, tokens)) = hit {
             count_llm_hit(tokens, args[2].len());
+            refresh_ahead(ctx, &cfg, &args, &opts, key, nostore);
             return Ok(sent);
         }
     }
@@ -150,6 +155,32 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     STATS.misses.incr();
     STATS.llm_misses.incr();
     Ok(replied)
+}
+
+/// After a hit: refreshes the entry in the background when it is late in
+/// its TTL. Any error here only means no refresh.
+fn refresh_ahead(
+    ctx: &Context,
+    cfg: &Settings,
+    args: &[RedisString],
+    opts: &FetchOptions,
+    key: Vec<u8>,
+    nostore: bool,
+) {
+    if nostore || !refresh::due(ctx, &key, cfg.expiry(opts.ex).ttl_secs) {
+        return;
+    }
+    let Ok(body) = upstream_body(args[2].as_slice()) else {
+        return;
+    };
+    let quiet = FetchOptions {
+        ex: opts.ex,
+        timeout_ms: opts.timeout_ms,
+        ..FetchOptions::default()
+    };
+    if let Ok(work) = chat_work(ctx, cfg, args, &quiet, key, nostore, body) {
+        refresh::start(ctx, work);
+    }
 }
 
 /// A chat hit saves the tokens the stored answer reports, or an estimate
@@ -203,10 +234,17 @@ pub fn chat_work(
     let ns = namespace(cfg, &args[1])?;
     let tenant = tenant(ctx, cfg, opts.tenant.as_deref(), &ns)?;
     let tokens = estimate_tokens(body.len()).saturating_add(max_output_tokens(&body));
+    let table = crate::fill::endpoints::table();
+    let model = request_model(args[2].as_slice());
+    let fallback = match table.fallback_model(&model) {
+        Some(m) => Some(fallback_request(ctx, cfg, args, &m, &table)?),
+        None => None,
+    };
     let spec = ChatSpec {
-        url: crate::config::chat_url(),
+        plan: table.plan(Api::Chat, &model),
         body,
         max_bytes: cfg.max_response_bytes,
+        fallback,
     };
     Ok(Work {
         db: ffi::selected_db(ctx),
@@ -227,6 +265,38 @@ pub fn chat_work(
         max_fills: cfg.max_fills,
         fail_memory_ms: cfg.fail_memory_ms,
         with_meta: opts.with_meta,
+    })
+}
+
+/// The request's `model` ("" when absent: the default route serves it).
+fn request_model(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("model")?.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// The same request for the fallback `model`: its body, and the key its
+/// answer is stored under (the key that request would have on its own).
+fn fallback_request(
+    ctx: &Context,
+    cfg: &Settings,
+    args: &[RedisString],
+    model: &str,
+    table: &crate::fill::endpoints::Table,
+) -> Result<ChatFallback, RedisError> {
+    let mut req: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(args[2].as_slice())
+            .map_err(|_| error("ERR request is not a JSON object"))?;
+    req.insert("model".into(), serde_json::Value::String(model.into()));
+    let raw = serde_json::to_vec(&req).map_err(|_| error("ERR request cannot be serialised"))?;
+    let ns = namespace_at(ctx, cfg, &args[1], None)?;
+    let canon = canonical_request(&raw).map_err(error)?;
+    Ok(ChatFallback {
+        model: model.into(),
+        body: upstream_body(&raw).map_err(error)?,
+        key: ns.llm_key(&canon.bytes),
+        plan: table.plan(Api::Chat, model),
     })
 }
 

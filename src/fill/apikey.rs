@@ -19,7 +19,12 @@ struct Cached {
     key: Result<String, String>,
 }
 
-static FILE_KEY: Mutex<Option<Cached>> = Mutex::new(None);
+use crate::model::routes::KeySource;
+
+/// Keys read from files, by path: the global file and each route's.
+static FILE_KEYS: Mutex<Vec<Cached>> = Mutex::new(Vec::new());
+/// More paths than routes can name means a path was swapped many times.
+const MAX_CACHED_FILES: usize = 16;
 
 /// The key to send: Ok(None) when no key is configured at all (a local
 /// upstream that needs none), Err when the configured file is unusable.
@@ -29,38 +34,55 @@ pub fn current() -> Result<Option<String>, String> {
         let name = API_KEY_ENV.get_string();
         return Ok(std::env::var(name).ok().and_then(|k| clean(&k)));
     }
-    let meta = std::fs::metadata(&path).map_err(|e| unusable(&format!("{}", e.kind())))?;
+    from_file(&path, "aicache.api-key-file").map(Some)
+}
+
+/// The key of a route's source. A route that names a source and cannot
+/// read it sends nothing: it fails with an error naming the source.
+pub fn for_source(source: &KeySource, route: &str) -> Result<Option<String>, String> {
+    match source {
+        KeySource::Global => current(),
+        KeySource::Nothing => Ok(None),
+        KeySource::Env(name) => match std::env::var(name).ok().and_then(|k| clean(&k)) {
+            Some(k) => Ok(Some(k)),
+            None => Err(format!(
+                "ERR route {route}: the key variable {name} is not set or not printable; no request was sent"
+            )),
+        },
+        KeySource::File(path) => from_file(path, &format!("route {route} key-file")).map(Some),
+    }
+}
+
+fn from_file(path: &str, what: &str) -> Result<String, String> {
+    let unusable =
+        |why: &str| format!("ERR cannot use the API key from {what}: {why}; no request was sent");
+    let meta = std::fs::metadata(path).map_err(|e| unusable(&format!("{}", e.kind())))?;
     let stamp = (
         meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
         meta.len(),
         meta.ino(),
     );
-    let mut cache = FILE_KEY.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(c) = cache
-        .as_ref()
-        .filter(|c| c.path == path && c.stamp == stamp)
-    {
-        return c.key.clone().map(Some);
+    let mut cache = FILE_KEYS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = cache.iter().find(|c| c.path == path && c.stamp == stamp) {
+        return c.key.clone();
     }
-    let key = check_file(&meta).and_then(|()| {
-        let text =
-            std::fs::read_to_string(&path).map_err(|e| unusable(&format!("{}", e.kind())))?;
-        clean(&text).ok_or_else(|| unusable("it holds no printable key"))
-    });
-    *cache = Some(Cached {
-        path,
+    let key = crate::config::check_key_meta(&meta)
+        .map_err(|e| unusable(e.trim_start_matches("api-key-file ")))
+        .and_then(|()| {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| unusable(&format!("{}", e.kind())))?;
+            clean(&text).ok_or_else(|| unusable("it holds no printable key"))
+        });
+    cache.retain(|c| c.path != path);
+    if cache.len() >= MAX_CACHED_FILES {
+        cache.remove(0);
+    }
+    cache.push(Cached {
+        path: path.to_string(),
         stamp,
         key: key.clone(),
     });
-    key.map(Some)
-}
-
-fn unusable(why: &str) -> String {
-    format!("ERR cannot use the API key from aicache.api-key-file: {why}; no request was sent")
-}
-
-fn check_file(meta: &std::fs::Metadata) -> Result<(), String> {
-    crate::config::check_key_meta(meta).map_err(|e| unusable(e.trim_start_matches("api-key-file ")))
+    key
 }
 
 fn clean(k: &str) -> Option<String> {
@@ -173,6 +195,39 @@ pub fn cleartext_warning() -> Option<String> {
     key_set.then(|| {
         format!("aicache: WARNING the API key is sent in clear text to {exposed}; use https://")
     })
+}
+
+/// One log line per configured route: where its key comes from (never
+/// the key), with a warning when it would go to a remote `http://` URL.
+pub fn route_lines() -> Vec<String> {
+    let table = crate::fill::endpoints::table();
+    let mut out = Vec::new();
+    for r in table
+        .routes()
+        .filter(|r| r.name != crate::model::routes::DEFAULT_ROUTE)
+    {
+        let (source, keyed) = match &r.key {
+            KeySource::Env(n) => (format!("environment variable {n}"), true),
+            KeySource::File(p) => (format!("file {p}"), true),
+            _ => ("none".to_string(), false),
+        };
+        out.push(format!(
+            "aicache: route {}: API key source {source}",
+            r.name
+        ));
+        let urls = [Some(&r.url), r.embeddings_url.as_ref(), r.chat_url.as_ref()];
+        if let Some(u) = urls
+            .into_iter()
+            .flatten()
+            .find(|u| keyed && is_remote_http(u))
+        {
+            out.push(format!(
+                "aicache: WARNING route {} sends its API key in clear text to {u}; use https://",
+                r.name
+            ));
+        }
+    }
+    out
 }
 
 fn is_remote_http(url: &str) -> bool {

@@ -122,6 +122,16 @@ impl Call {
         }
     }
 
+    /// Slot `slot` is answered by a fallback model, stored under `key`.
+    pub fn fell_back(&self, slot: usize, key: Arc<[u8]>) {
+        if let Some(m) = self.lock().meta.as_mut() {
+            if let (Some(s), Some(k)) = (m.status.get_mut(slot), m.keys.get_mut(slot)) {
+                *s = Status::Fallback;
+                *k = key;
+            }
+        }
+    }
+
     /// Marks entries whose own input is known to be refused (failure
     /// memory): they are answered as error elements and not filled.
     pub fn refuse(&self, failed: &[(usize, Arc<str>)]) {

@@ -7,13 +7,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::fill::call::{FillError, FillResult};
+use crate::fill::endpoints::post_any;
+use crate::fill::endpoints::Dest;
 use crate::fill::pipeline::{ChatSpec, EmbedSpec, Expiry, Pending};
 use crate::fill::store::{Commit, Store};
 use crate::fill::streaming::{self, Target};
 use crate::fill::upstream::{Failure, Upstream};
 use crate::limits::spend::Bill;
-use crate::model::canon::validate_response;
+use crate::model::canon::{validate_response, Usage};
 use crate::model::embed::{parse_response, request_body};
+use crate::model::errors::sanitize;
 use crate::model::frames::Frame;
 use crate::model::pins::check_answer;
 use crate::stats::{FILL_LATENCY as STATS_LATENCY, STATS, STREAMS_RUNNING};
@@ -25,6 +28,9 @@ pub enum Task {
         inputs: Vec<String>,
         keys: Vec<Vec<u8>>,
     },
+    /// Embedding jobs of several calls for one (endpoint, model, size),
+    /// sent as one request (micro-batching, batcher.rs).
+    Batch(Vec<Job>),
     Chat {
         spec: Arc<ChatSpec>,
         key: Vec<u8>,
@@ -58,11 +64,57 @@ struct Spent {
     answered: bool,
 }
 
+impl Spent {
+    /// A request counts unless nothing was sent (open circuits, no key).
+    fn count<T>(&mut self, posted: &Result<T, Failure>) {
+        if !matches!(posted, Err(f) if f.sent_nothing()) {
+            self.requests += 1;
+        }
+    }
+}
+
 impl Job {
     /// A refused job never called upstream: its charge is refunded.
-    pub fn fail(self, msg: &str) {
+    pub fn fail(mut self, msg: &str) {
+        if let Task::Batch(jobs) = &mut self.task {
+            for j in std::mem::take(jobs) {
+                j.fail(msg);
+            }
+        }
         self.bill.refund();
         self.pending.fail(msg);
+    }
+
+    /// Input count and estimated tokens of an embedding job.
+    pub fn embed_size(&self) -> Option<(usize, u64)> {
+        match &self.task {
+            Task::Embed { inputs, .. } => Some((inputs.len(), inputs.iter().map(|t| est(t)).sum())),
+            _ => None,
+        }
+    }
+
+    /// Splits the first `n` inputs of an embedding job off into a job of
+    /// their own, with their share of the charge.
+    pub fn split_front(&mut self, n: usize) -> Option<Job> {
+        let Task::Embed { spec, inputs, keys } = &mut self.task else {
+            return None;
+        };
+        let n = n.min(inputs.len());
+        let front: Vec<String> = inputs.drain(..n).collect();
+        let tokens = front.iter().map(|t| est(t)).sum();
+        Some(Job {
+            pending: self.pending.split_front(n),
+            bill: self.bill.split(tokens),
+            db: self.db,
+            expiry: self.expiry,
+            deadline: self.deadline,
+            queued: self.queued,
+            task: Task::Embed {
+                spec: spec.clone(),
+                keys: keys.drain(..n).collect(),
+                inputs: front,
+            },
+        })
     }
 
     /// The Stream this job writes, if any.
@@ -83,7 +135,13 @@ impl Job {
         }
     }
 
-    pub fn run(self, up: &dyn Upstream, store: &dyn Store) {
+    pub fn run(mut self, up: &dyn Upstream, store: &dyn Store) {
+        if let Task::Batch(jobs) = &mut self.task {
+            return run_batch(up, store, std::mem::take(jobs));
+        }
+        if matches!(self.task, Task::Embed { .. }) && Instant::now() < self.deadline {
+            return run_batch(up, store, vec![self]);
+        }
         if Instant::now() >= self.deadline {
             let waited = self.queued.elapsed().as_millis();
             let f = Failure::QueueExpired(waited as u64);
@@ -95,7 +153,7 @@ impl Job {
                 Task::Chat { .. } => {
                     self.replay_to_stream(store, &Err(FillError::whole(&f.message())))
                 }
-                Task::Embed { .. } => {}
+                Task::Embed { .. } | Task::Batch(_) => {}
             }
             self.bill.refund();
             return self.pending.fail(&f.message());
@@ -103,20 +161,15 @@ impl Job {
         let started = Instant::now();
         let latency = || STATS_LATENCY.record(started.elapsed().as_millis() as u64);
         match &self.task {
-            Task::Embed { spec, inputs, keys } => {
-                let (results, spent) = embed(up, store, &self, spec, inputs, keys);
-                latency();
-                self.bill
-                    .settle(spent.requests, spent.tokens, spent.answered);
-                self.pending.finish(results, true);
-            }
+            Task::Embed { .. } | Task::Batch(_) => {}
             Task::Chat { spec, key } => {
-                let (result, spent) = chat(up, store, &self, spec, key);
+                let (result, spent, fell_back) = chat(up, store, &self, spec, key);
                 latency();
                 self.replay_to_stream(store, &result);
                 self.bill
                     .settle(spent.requests, spent.tokens, spent.answered);
-                self.pending.finish(vec![result], true);
+                self.pending
+                    .finish_marked(vec![result], true, vec![fell_back]);
             }
             Task::Stream { spec, key, target } => {
                 let _running = Running::new();
@@ -149,27 +202,86 @@ fn whole(f: &Failure) -> FillError {
     FillError::whole(&f.message())
 }
 
-fn embed(
-    up: &dyn Upstream,
-    store: &dyn Store,
-    job: &Job,
-    spec: &EmbedSpec,
-    inputs: &[String],
-    keys: &[Vec<u8>],
-) -> (Vec<FillResult>, Spent) {
+/// Estimated tokens of one text, as the spend limits count them.
+fn est(text: &str) -> u64 {
+    crate::model::quota::estimate_tokens(text.len())
+}
+
+/// Runs embedding jobs of one (endpoint, model, size) as one request:
+/// each job gets its own vectors, checked and stored as its call asked,
+/// and pays the tokens of its own inputs; the first pays the request.
+fn run_batch(up: &dyn Upstream, store: &dyn Store, jobs: Vec<Job>) {
+    let (live, late): (Vec<Job>, Vec<Job>) =
+        jobs.into_iter().partition(|j| Instant::now() < j.deadline);
+    for j in late {
+        j.run(up, store);
+    }
+    let Some(first) = live.first() else { return };
+    let Task::Embed { spec, .. } = &first.task else {
+        return;
+    };
+    let spec = spec.clone();
+    let deadline = live
+        .iter()
+        .map(|j| j.deadline)
+        .min()
+        .unwrap_or(first.deadline);
+    let mut inputs: Vec<String> = Vec::new();
+    let mut ranges = Vec::with_capacity(live.len());
+    for j in &live {
+        let start = inputs.len();
+        if let Task::Embed { inputs: i, .. } = &j.task {
+            inputs.extend(i.iter().cloned());
+        }
+        ranges.push(start..inputs.len());
+    }
+    if live.len() > 1 {
+        STATS.batched_requests.incr();
+        STATS.batched_calls.add(live.len() as u64);
+    }
+    let started = Instant::now();
     let mut out: Vec<Option<FillResult>> = vec![None; inputs.len()];
     let mut spent = Spent::default();
     let all: Vec<usize> = (0..inputs.len()).collect();
-    embed_part(up, spec, inputs, &all, job.deadline, &mut out, &mut spent);
-    let mut results: Vec<FillResult> = out
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(FillError::whole("ERR internal error: no result"))))
-        .collect();
+    embed_part(up, &spec, &inputs, &all, deadline, &mut out, &mut spent);
+    STATS_LATENCY.record(started.elapsed().as_millis() as u64);
+    let total_est: u64 = inputs.iter().map(|t| est(t)).sum::<u64>().max(1);
+    for (k, (job, range)) in live.into_iter().zip(ranges).enumerate() {
+        let mine_est: u64 = inputs[range.clone()].iter().map(|t| est(t)).sum();
+        let results: Vec<FillResult> = out[range]
+            .iter_mut()
+            .map(|r| {
+                r.take()
+                    .unwrap_or_else(|| Err(FillError::whole("ERR internal error: no result")))
+            })
+            .collect();
+        let answered = spent.answered && results.iter().any(Result::is_ok);
+        let results = match &job.task {
+            Task::Embed { spec, keys, .. } => keep(store, &job, spec, keys, results),
+            _ => results,
+        };
+        let tokens =
+            (u128::from(spent.tokens) * u128::from(mine_est) / u128::from(total_est)) as u64;
+        let requests = if k == 0 { spent.requests } else { 0 };
+        job.bill.settle(requests, tokens, answered);
+        job.pending.finish(results, true);
+    }
+}
+
+/// Checks one job's vectors against each other and the namespace's pin,
+/// then stores them as the job's call asked.
+fn keep(
+    store: &dyn Store,
+    job: &Job,
+    spec: &EmbedSpec,
+    keys: &[Vec<u8>],
+    mut results: Vec<FillResult>,
+) -> Vec<FillResult> {
     // Split requests answered separately: their sizes must agree too, and
     // with what the request fixes, before anything is pinned or stored.
     let sizes: Vec<usize> = results.iter().flatten().map(|v| v.len() / 4).collect();
     let Some(&dims) = sizes.first() else {
-        return (results, spent);
+        return results;
     };
     let checked = if sizes.iter().any(|&d| d != dims) {
         Err(format!(
@@ -187,7 +299,7 @@ fn embed(
     if let Err(e) = checked {
         let f = Failure::Invalid(e);
         f.count();
-        return (fail_values(results, &whole(&f)), spent);
+        return fail_values(results, &whole(&f));
     }
     let entries: Vec<(&[u8], &[u8])> = keys
         .iter()
@@ -204,7 +316,7 @@ fn embed(
     if let Err(msg) = store.commit(&commit) {
         results = fail_values(results, &FillError::whole(&msg));
     }
-    (results, spent)
+    results
 }
 
 fn fail_values(results: Vec<FillResult>, e: &FillError) -> Vec<FillResult> {
@@ -226,8 +338,9 @@ fn embed_part(
 ) {
     let texts: Vec<&str> = part.iter().map(|&i| inputs[i].as_str()).collect();
     let body = request_body(&spec.model, &texts, spec.dims, spec.base64);
-    spent.requests += 1;
-    let answer = up.post(&spec.url, &body, deadline).and_then(|b| {
+    let posted = post_any(up, &spec.plan, &body, deadline);
+    spent.count(&posted);
+    let answer = posted.and_then(|b| {
         let dims = spec.dims.map(|d| d as usize);
         parse_response(&b, part.len(), dims, spec.max_dims).map_err(|e| {
             let f = Failure::Invalid(e);
@@ -263,38 +376,79 @@ fn embed_part(
     }
 }
 
+/// Asks the endpoints of `plan` and checks the answer.
+fn ask(
+    up: &dyn Upstream,
+    plan: &[Dest],
+    body: &[u8],
+    max_bytes: usize,
+    deadline: Instant,
+    spent: &mut Spent,
+) -> Result<(Vec<u8>, Usage), Failure> {
+    let posted = post_any(up, plan, body, deadline);
+    spent.count(&posted);
+    posted.and_then(|body| {
+        let invalid = |e: String| {
+            let f = Failure::Invalid(e.trim_start_matches("ERR ").to_string());
+            f.count();
+            f
+        };
+        if body.len() > max_bytes {
+            return Err(invalid(format!(
+                "response is {} bytes, more than max-response-bytes {max_bytes}",
+                body.len(),
+            )));
+        }
+        let usage = validate_response(&body).map_err(invalid)?;
+        Ok((body, usage))
+    })
+}
+
+/// A chat fill. When every endpoint of the model is unavailable and its
+/// route names a fallback model, that model is asked instead: its answer
+/// is replied, marked, and stored under the fallback request's own key
+/// (the third value), never under the original's.
 fn chat(
     up: &dyn Upstream,
     store: &dyn Store,
     job: &Job,
     spec: &ChatSpec,
     key: &[u8],
-) -> (FillResult, Spent) {
-    let mut spent = Spent {
-        requests: 1,
-        ..Spent::default()
-    };
-    let checked = up
-        .post(&spec.url, &spec.body, job.deadline)
-        .and_then(|body| {
-            let invalid = |e: String| {
-                let f = Failure::Invalid(e.trim_start_matches("ERR ").to_string());
-                f.count();
-                f
-            };
-            if body.len() > spec.max_bytes {
-                return Err(invalid(format!(
-                    "response is {} bytes, more than max-response-bytes {}",
-                    body.len(),
-                    spec.max_bytes
-                )));
+) -> (FillResult, Spent, Option<Arc<[u8]>>) {
+    let mut spent = Spent::default();
+    let first = ask(
+        up,
+        &spec.plan,
+        &spec.body,
+        spec.max_bytes,
+        job.deadline,
+        &mut spent,
+    );
+    let (body, usage, fell_back) = match (first, &spec.fallback) {
+        (Ok((b, u)), _) => (b, u, None),
+        (Err(f), Some(fb)) if f.fails_over() && Instant::now() < job.deadline => {
+            STATS.chat_fallbacks.incr();
+            match ask(
+                up,
+                &fb.plan,
+                &fb.body,
+                spec.max_bytes,
+                job.deadline,
+                &mut spent,
+            ) {
+                Ok((b, u)) => (b, u, Some(Arc::from(&fb.key[..]))),
+                Err(f2) => {
+                    let msg = format!(
+                        "{}; the fallback model {} failed too: {}",
+                        f.message(),
+                        fb.model,
+                        f2.message().trim_start_matches("ERR ")
+                    );
+                    return (Err(FillError::whole(&sanitize(&msg))), spent, None);
+                }
             }
-            let usage = validate_response(&body).map_err(invalid)?;
-            Ok((body, usage))
-        });
-    let (body, usage) = match checked {
-        Ok(x) => x,
-        Err(f) => return (Err(whole(&f)), spent),
+        }
+        (Err(f), _) => return (Err(whole(&f)), spent, None),
     };
     spent.tokens = usage.total;
     spent.answered = true;
@@ -305,11 +459,11 @@ fn chat(
         db: job.db,
         pin: None,
         dims: 0,
-        entries: vec![(key, body.as_slice())],
+        entries: vec![(fell_back.as_deref().unwrap_or(key), body.as_slice())],
         expiry: job.expiry,
     };
     if let Err(msg) = store.commit(&commit) {
-        return (Err(FillError::whole(&msg)), spent);
+        return (Err(FillError::whole(&msg)), spent, None);
     }
-    (Ok(Arc::from(body)), spent)
+    (Ok(Arc::from(body)), spent, fell_back)
 }

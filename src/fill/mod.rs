@@ -3,17 +3,22 @@
 
 pub mod apikey;
 pub mod appender;
+pub mod batcher;
 pub mod call;
+pub mod endpoints;
 pub mod job;
 pub mod pins;
 pub mod pipeline;
 pub mod pool;
+pub mod refresh;
 pub mod resolve;
 pub mod store;
 pub mod streaming;
 pub mod streams;
 pub mod upstream;
 
+#[cfg(test)]
+mod economy_tests;
 #[cfg(test)]
 mod stream_tests;
 #[cfg(test)]

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use redis_module::{Context, ContextFlags, RedisResult, RedisValue};
 
 use crate::fill::call::{Answer, Call, FillError, FillResult, MetaPlan, Shape};
+use crate::fill::endpoints::Dest;
 use crate::fill::job::{Job, Task};
 use crate::fill::pool::{self, Refused};
 use crate::limits::spend::{self, Bill};
@@ -37,7 +38,8 @@ pub struct Entry {
 pub use crate::model::ttl::Expiry;
 
 pub struct EmbedSpec {
-    pub url: String,
+    /// The endpoints to try, in order (routes.rs).
+    pub plan: Vec<Dest>,
     pub model: String,
     pub dims: Option<u32>,
     /// The namespace's pin hash, unless DIMENSIONS fixes the size.
@@ -50,9 +52,19 @@ pub struct EmbedSpec {
 }
 
 pub struct ChatSpec {
-    pub url: String,
+    pub plan: Vec<Dest>,
     pub body: Vec<u8>,
     pub max_bytes: usize,
+    pub fallback: Option<ChatFallback>,
+}
+
+/// The request a chat fill makes instead when its model is unavailable.
+pub struct ChatFallback {
+    pub model: String,
+    pub body: Vec<u8>,
+    /// The fallback request's own entry key: its answer is stored there.
+    pub key: Vec<u8>,
+    pub plan: Vec<Dest>,
 }
 
 pub enum Kind {
@@ -93,6 +105,29 @@ impl Work {
                 .collect(),
             stored: self.expiry.is_some(),
         })
+    }
+
+    /// The same call's settings with no entries, no tenant and no waiting
+    /// client, for a background refresh.
+    pub fn background(&self) -> Work {
+        Work {
+            db: self.db,
+            kind: match &self.kind {
+                Kind::Embed(s) => Kind::Embed(s.clone()),
+                Kind::Chat(s) => Kind::Chat(s.clone()),
+            },
+            entries: Vec::new(),
+            shape: Shape::Single,
+            expiry: self.expiry,
+            tenant: None,
+            timeout_ms: self.timeout_ms,
+            batch_size: self.batch_size,
+            batch_max_tokens: self.batch_max_tokens,
+            lease_ms: self.lease_ms,
+            max_fills: self.max_fills,
+            fail_memory_ms: self.fail_memory_ms,
+            with_meta: false,
+        }
     }
 
     fn missing(&self) -> impl Iterator<Item = usize> + '_ {
@@ -373,7 +408,19 @@ impl Pending {
 
     /// Completes fill `i` of this job with `results[i]`; failures are
     /// remembered for aicache.fail-memory-ms unless `remember` is false.
-    pub fn finish(mut self, results: Vec<FillResult>, remember: bool) {
+    pub fn finish(self, results: Vec<FillResult>, remember: bool) {
+        let marks = vec![None; results.len()];
+        self.finish_marked(results, remember, marks);
+    }
+
+    /// [`Pending::finish`], where `marks[i]` names the key a fallback
+    /// model's answer to fill `i` was stored under.
+    pub fn finish_marked(
+        mut self,
+        results: Vec<FillResult>,
+        remember: bool,
+        marks: Vec<Option<Arc<[u8]>>>,
+    ) {
         if remember && self.fail_memory_ms > 0 {
             let now = now_ms();
             let mut f = failures();
@@ -384,7 +431,17 @@ impl Pending {
             }
         }
         let ids = std::mem::take(&mut self.ids);
-        complete(ids.into_iter().zip(results));
+        complete(ids.into_iter().zip(results).zip(marks));
+    }
+
+    /// The first `n` fills, answered for by a job of their own.
+    pub fn split_front(&mut self, n: usize) -> Pending {
+        let n = n.min(self.ids.len());
+        Pending {
+            ids: self.ids.drain(..n).collect(),
+            fill_keys: self.fill_keys.drain(..n).collect(),
+            fail_memory_ms: self.fail_memory_ms,
+        }
     }
 
     /// Stops the fills taking joiners; returns a Stream that joined one,
@@ -451,31 +508,43 @@ impl Drop for Pending {
             let err = Err(FillError::whole(
                 "ERR internal error: the fill was abandoned",
             ));
-            complete(ids.into_iter().map(|id| (id, err.clone())));
+            complete(ids.into_iter().map(|id| ((id, err.clone()), None)));
         }
     }
 }
 
-fn complete(results: impl Iterator<Item = (u64, FillResult)>) {
-    let mut handed: Vec<(Vec<Waiter>, FillResult)> = Vec::new();
+type Mark = Option<Arc<[u8]>>;
+
+fn complete(results: impl Iterator<Item = ((u64, FillResult), Mark)>) {
+    let mut handed: Vec<(Vec<Waiter>, FillResult, Mark)> = Vec::new();
     {
         let mut reg = registry();
-        for (id, r) in results {
-            handed.push((reg.complete(id), r));
+        for ((id, r), mark) in results {
+            handed.push((reg.complete(id), r, mark));
         }
     }
     // Outside the registry lock: a reply may be large to build.
-    for (waiters, r) in handed {
+    for (waiters, r, mark) in handed {
         for w in waiters {
+            if let Some(key) = &mark {
+                w.call.fell_back(w.slot, key.clone());
+            }
             w.call.deliver(w.slot, &r);
         }
     }
 }
 
 /// Queues every job; a refused job fails its fills with the reason.
+/// Embedding jobs wait up to aicache.batch-window-ms for others to share
+/// their request.
 pub fn submit(jobs: Vec<Job>) {
+    let window = crate::config::BATCH_WINDOW_MS.get_u64();
     for job in jobs {
-        let _ = submit_one(job);
+        if window > 0 && job.embed_size().is_some() {
+            crate::fill::batcher::add(job, Duration::from_millis(window));
+        } else {
+            let _ = submit_one(job);
+        }
     }
 }
 

@@ -68,6 +68,15 @@ pub fn start(workers: usize, queue: usize) -> Result<(), String> {
         }
     }
     STOPPING.store(false, Ordering::Relaxed);
+    if let Err(e) = crate::fill::batcher::start() {
+        drop(tx);
+        drop(agent);
+        crate::fill::appender::stop();
+        for t in threads.into_iter().chain(resolvers).chain([appender]) {
+            let _ = t.join();
+        }
+        return Err(e);
+    }
     *pool() = Some(Pool {
         tx,
         threads,
@@ -150,6 +159,7 @@ pub fn workers() -> usize {
 /// that the caller holds.
 pub fn stop() {
     STOPPING.store(true, Ordering::Relaxed);
+    crate::fill::batcher::stop(true);
     let Some(p) = pool().take() else { return };
     drop(p.tx);
     crate::fill::appender::stop();
@@ -164,6 +174,7 @@ pub fn stop() {
 /// may be waiting for the Redis lock the shutting-down main thread holds).
 pub fn halt() {
     STOPPING.store(true, Ordering::Relaxed);
+    crate::fill::batcher::stop(false);
     if let Some(p) = pool().take() {
         drop(p.tx);
     }

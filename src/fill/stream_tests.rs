@@ -7,6 +7,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::fill::call::Shape;
+use crate::fill::endpoints::Dest;
 use crate::fill::pipeline::*;
 use crate::fill::store::mem::MemStore;
 use crate::fill::streams::{self, StreamOpts, Streaming};
@@ -23,11 +24,11 @@ struct Scripted {
 }
 
 impl Upstream for Scripted {
-    fn post(&self, _: &str, _: &[u8], _: Instant) -> Result<Vec<u8>, Failure> {
+    fn post(&self, _: &Dest, _: &[u8], _: Instant) -> Result<Vec<u8>, Failure> {
         Err(Failure::Stopped)
     }
 
-    fn stream(&self, _: &str, _: &[u8], _: Instant, sink: &mut dyn Sink) -> Result<(), Failure> {
+    fn stream(&self, _: &Dest, _: &[u8], _: Instant, sink: &mut dyn Sink) -> Result<(), Failure> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         for b in &self.batches {
             if sink.events(b.clone())? {
@@ -82,9 +83,10 @@ fn chat_work(text: &str, max_fills: usize) -> Work {
     Work {
         db: 0,
         kind: Kind::Chat(Arc::new(ChatSpec {
-            url: "http://fake/v1/chat/completions".into(),
+            plan: vec![super::tests::dest("http://fake/v1/chat/completions")],
             body: b"{}".to_vec(),
             max_bytes: 1 << 20,
+            fallback: None,
         })),
         entries: vec![Entry {
             key: format!("llm:{text}").into_bytes(),

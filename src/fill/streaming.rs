@@ -219,7 +219,7 @@ pub fn run(
         asm: Assembler::default(),
         done: false,
     };
-    let streamed = up.stream(&spec.url, &spec.body, deadline, &mut s);
+    let streamed = crate::fill::endpoints::stream_any(up, &spec.plan, &spec.body, deadline, &mut s);
     let pending = std::mem::take(&mut s.pending);
     let failed = |f: Failure, answered: bool| {
         let msg = f.message();

@@ -10,22 +10,30 @@ use std::time::Instant;
 
 use crate::fill::call::tests::Recorder;
 use crate::fill::call::{Call, Shape};
+use crate::fill::endpoints::{Dest, Endpoint};
 use crate::fill::job::Job;
 use crate::fill::pipeline::*;
 use crate::fill::store::mem::MemStore;
 use crate::fill::upstream::{Failure, Sink, Upstream};
+
+pub(super) fn dest(url: &str) -> Dest {
+    Dest {
+        endpoint: Endpoint::plain(url),
+        url: url.into(),
+    }
+}
 use crate::model::reply::{Item, Reply};
 
 /// Embeddings of `dims` numbers derived from each text; refuses (400,
 /// naming no input) any request holding a text with "POISON".
-struct Fake {
+pub(super) struct Fake {
     dims: usize,
-    calls: AtomicU64,
+    pub(super) calls: AtomicU64,
     short_last: bool,
 }
 
 impl Fake {
-    fn new(dims: usize) -> Self {
+    pub(super) fn new(dims: usize) -> Self {
         Fake {
             dims,
             calls: AtomicU64::new(0),
@@ -34,11 +42,11 @@ impl Fake {
     }
 }
 
-fn vector(text: &str, dims: usize) -> Vec<f32> {
+pub(super) fn vector(text: &str, dims: usize) -> Vec<f32> {
     (0..dims).map(|i| (text.len() * 31 + i) as f32).collect()
 }
 
-fn fp32(v: &[f32]) -> Arc<[u8]> {
+pub(super) fn fp32(v: &[f32]) -> Arc<[u8]> {
     v.iter()
         .flat_map(|f| f.to_le_bytes())
         .collect::<Vec<u8>>()
@@ -46,7 +54,7 @@ fn fp32(v: &[f32]) -> Arc<[u8]> {
 }
 
 impl Upstream for Fake {
-    fn post(&self, _: &str, body: &[u8], _: Instant) -> Result<Vec<u8>, Failure> {
+    fn post(&self, _: &Dest, body: &[u8], _: Instant) -> Result<Vec<u8>, Failure> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let req: Value = serde_json::from_slice(body).unwrap();
         let inputs: Vec<String> = serde_json::from_value(req["input"].clone()).unwrap();
@@ -73,12 +81,12 @@ impl Upstream for Fake {
             .into_bytes())
     }
 
-    fn stream(&self, _: &str, _: &[u8], _: Instant, _: &mut dyn Sink) -> Result<(), Failure> {
+    fn stream(&self, _: &Dest, _: &[u8], _: Instant, _: &mut dyn Sink) -> Result<(), Failure> {
         Err(Failure::Stopped)
     }
 }
 
-fn work(texts: &[&str], store: bool) -> Work {
+pub(super) fn work(texts: &[&str], store: bool) -> Work {
     let entries = texts
         .iter()
         .map(|t| Entry {
@@ -91,7 +99,7 @@ fn work(texts: &[&str], store: bool) -> Work {
     Work {
         db: 0,
         kind: Kind::Embed(Arc::new(EmbedSpec {
-            url: "http://fake/v1/embeddings".into(),
+            plan: vec![dest("http://fake/v1/embeddings")],
             model: "m".into(),
             dims: None,
             pin_key: Some(b"pins".to_vec()),
@@ -120,7 +128,7 @@ fn work(texts: &[&str], store: bool) -> Work {
     }
 }
 
-pub(super) fn begin(w: Work) -> (Vec<Job>, Receiver<Reply>, Weak<Call>) {
+pub(crate) fn begin(w: Work) -> (Vec<Job>, Receiver<Reply>, Weak<Call>) {
     let (tx, rx) = channel();
     let mut call = Weak::new();
     let Ok(Started::Jobs(jobs)) = start(w, 0, |c| {

@@ -12,9 +12,12 @@ use ureq::Agent;
 
 use crate::config::{self, Bounded};
 use crate::fill::apikey;
+pub use crate::fill::endpoints::Dest;
 use crate::fill::resolve::BoundedResolver;
+use crate::model::breaker::State;
 use crate::model::errors::sanitize;
 use crate::model::retry::{parse_retry_after, Outcome, Policy};
+use crate::model::routes::Auth;
 use crate::model::sse::{Event, Parser};
 use crate::stats::STATS;
 
@@ -41,14 +44,14 @@ pub fn scrub(text: &str, key: Option<&str>) -> String {
 pub trait Upstream {
     /// POSTs `body` to `url` with retries until it succeeds, fails for
     /// good, or `deadline` passes. Returns the 200 response body.
-    fn post(&self, url: &str, body: &[u8], deadline: Instant) -> Result<Vec<u8>, Failure>;
+    fn post(&self, dest: &Dest, body: &[u8], deadline: Instant) -> Result<Vec<u8>, Failure>;
 
     /// POSTs a streamed request and hands `sink` each batch of events as
     /// it arrives, until the sink says it is done. An attempt is retried
     /// only while the sink has taken nothing.
     fn stream(
         &self,
-        url: &str,
+        dest: &Dest,
         body: &[u8],
         deadline: Instant,
         sink: &mut dyn Sink,
@@ -70,29 +73,39 @@ pub struct Http {
 }
 
 impl Upstream for Http {
-    fn post(&self, url: &str, body: &[u8], deadline: Instant) -> Result<Vec<u8>, Failure> {
-        let key = apikey::current().map_err(Failure::Credentials)?;
-        retrying(deadline, self.stopping, &|| false, &mut |budget| {
-            attempt(&self.agent, url, body, key.as_deref(), budget)
+    fn post(&self, dest: &Dest, body: &[u8], deadline: Instant) -> Result<Vec<u8>, Failure> {
+        let route = &dest.endpoint.route;
+        let key = apikey::for_source(&route.key, &route.name).map_err(Failure::Credentials)?;
+        let stopping = || self.stopping.load(Ordering::Relaxed);
+        let Some(_slot) = dest.endpoint.slot(deadline, &stopping) else {
+            return Err(Failure::Busy(route.name.clone(), route.max_concurrency));
+        };
+        retrying(dest, deadline, self.stopping, &|| false, &mut |budget| {
+            attempt(&self.agent, dest, body, key.as_deref(), budget)
         })
     }
 
     fn stream(
         &self,
-        url: &str,
+        dest: &Dest,
         body: &[u8],
         deadline: Instant,
         sink: &mut dyn Sink,
     ) -> Result<(), Failure> {
-        let key = apikey::current().map_err(Failure::Credentials)?;
+        let route = &dest.endpoint.route;
+        let key = apikey::for_source(&route.key, &route.name).map_err(Failure::Credentials)?;
+        let stopping = || self.stopping.load(Ordering::Relaxed);
+        let Some(_slot) = dest.endpoint.slot(deadline, &stopping) else {
+            return Err(Failure::Busy(route.name.clone(), route.max_concurrency));
+        };
         let sink = std::cell::RefCell::new(sink);
         let started = || sink.borrow().started();
-        retrying(deadline, self.stopping, &started, &mut |_| {
+        retrying(dest, deadline, self.stopping, &started, &mut |_| {
             // The whole stream may use what is left of the lease; the
             // per-attempt timeout bounds each silence instead.
             let left = deadline.saturating_duration_since(Instant::now());
             let mut s = sink.borrow_mut();
-            stream_attempt(&self.agent, url, body, key.as_deref(), left, &mut **s)
+            stream_attempt(&self.agent, dest, body, key.as_deref(), left, &mut **s)
         })
     }
 }
@@ -116,6 +129,10 @@ pub enum Failure {
     Stream(String),
     /// The Stream could not be written here: the message as is.
     Store(String),
+    /// The endpoint's circuit is open: nothing was sent.
+    CircuitOpen(String),
+    /// No concurrency slot of the endpoint came free before the deadline.
+    Busy(String, usize),
     Stopped,
 }
 
@@ -147,6 +164,13 @@ impl Failure {
                  (add workers or raise the lease)"
             ),
             Failure::Stream(e) => format!("ERR upstream stream failed: {e}"),
+            Failure::CircuitOpen(name) => format!(
+                "ERR upstream endpoint '{name}' is failing and its circuit is open \
+                 (aicache.breaker-*); no request was sent"
+            ),
+            Failure::Busy(name, n) => format!(
+                "ERR upstream endpoint '{name}' had no free slot (max-concurrency {n}) before the deadline"
+            ),
             Failure::Stopped => "ERR aicache is shutting down".to_string(),
         };
         sanitize(&m)
@@ -156,6 +180,40 @@ impl Failure {
     /// token-limit error names none): the batch is worth splitting.
     pub fn names_an_input(&self) -> bool {
         matches!(self, Failure::Status(400 | 413 | 422, _))
+    }
+
+    /// A failure of the endpoint rather than of the request: another
+    /// endpoint serving the same model may well answer.
+    pub fn fails_over(&self) -> bool {
+        match self {
+            Failure::Connect(_)
+            | Failure::Timeout(_)
+            | Failure::CircuitOpen(_)
+            | Failure::Busy(..)
+            | Failure::Credentials(_) => true,
+            Failure::Status(s, _) => *s == 429 || *s >= 500,
+            _ => false,
+        }
+    }
+
+    /// Nothing reached the upstream: no request to pay for.
+    pub fn sent_nothing(&self) -> bool {
+        matches!(
+            self,
+            Failure::CircuitOpen(_)
+                | Failure::Busy(..)
+                | Failure::Credentials(_)
+                | Failure::Stopped
+        )
+    }
+
+    /// What the attempt says of the endpoint's health, for its breaker.
+    fn health(&self) -> Option<bool> {
+        match self {
+            Failure::Connect(_) | Failure::Timeout(_) => Some(false),
+            Failure::Status(s, _) if *s == 429 || *s >= 500 => Some(false),
+            _ => None,
+        }
     }
 
     pub fn count(&self) {
@@ -170,7 +228,8 @@ impl Failure {
             Failure::Status(..) => &STATS.upstream_errors_http_4xx,
             Failure::TooLarge(_) => &STATS.upstream_errors_too_large,
             Failure::Invalid(_) | Failure::Stream(_) => &STATS.upstream_errors_invalid,
-            Failure::Stopped | Failure::Store(_) => return,
+            Failure::Stopped | Failure::Store(_) | Failure::CircuitOpen(_) => return,
+            Failure::Busy(..) => &STATS.upstream_errors_timeout,
         };
         c.incr();
     }
@@ -205,6 +264,7 @@ fn ms(b: &Bounded) -> Duration {
 /// good, `deadline` passes, or `no_retry()` says a retry would repeat what
 /// was already delivered.
 fn retrying<T>(
+    dest: &Dest,
     deadline: Instant,
     stopping: &AtomicBool,
     no_retry: &dyn Fn() -> bool,
@@ -221,17 +281,24 @@ fn retrying<T>(
             return Err(Failure::Stopped);
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        let budget = ms(&config::ATTEMPT_TIMEOUT_MS).min(left);
+        let budget = timeouts(dest).0.min(left);
         if budget.is_zero() {
             return Err(Failure::Timeout(0));
         }
         STATS.upstream_requests.incr();
+        let began = Instant::now();
         let (failure, retry_after) = match attempt(budget) {
-            Ok(v) => return Ok(v),
+            Ok(v) => {
+                dest.endpoint.record(Some(true), began.elapsed());
+                return Ok(v);
+            }
             Err(e) => e,
         };
+        dest.endpoint.record(failure.health(), began.elapsed());
         failure.count();
-        if no_retry() {
+        // An open circuit ends the retries here: the next endpoint, if any,
+        // gets the rest of the lease.
+        if no_retry() || dest.endpoint.state() == State::Open {
             return Err(failure);
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -268,24 +335,46 @@ fn sleep_unless_stopping(wait: Duration, stopping: &AtomicBool) {
 
 type AttemptError = (Failure, Option<Duration>);
 
+/// The route's own timeouts, else the global ones.
+fn timeouts(dest: &Dest) -> (Duration, Duration) {
+    let r = &dest.endpoint.route;
+    let attempt = r
+        .timeout_ms
+        .map_or_else(|| ms(&config::ATTEMPT_TIMEOUT_MS), Duration::from_millis);
+    let connect = r
+        .connect_timeout_ms
+        .map_or_else(|| ms(&config::CONNECT_TIMEOUT_MS), Duration::from_millis);
+    (attempt, connect)
+}
+
+type Request = ureq::RequestBuilder<ureq::typestate::WithBody>;
+
+/// The credentials header of the route's auth style.
+fn authorize(req: Request, dest: &Dest, key: Option<&str>) -> Request {
+    match (&dest.endpoint.route.auth, key) {
+        (Auth::Azure, Some(k)) => req.header("api-key", k),
+        (Auth::Bearer, Some(k)) => req.header("Authorization", format!("Bearer {k}")),
+        _ => req,
+    }
+}
+
 fn attempt(
     agent: &Agent,
-    url: &str,
+    dest: &Dest,
     body: &[u8],
     key: Option<&str>,
     budget: Duration,
 ) -> Result<Vec<u8>, AttemptError> {
     let budget_ms = budget.as_millis() as u64;
-    let mut req = agent
-        .post(url)
+    let (_, connect) = timeouts(dest);
+    let req = agent
+        .post(&dest.url)
         .config()
         .timeout_global(Some(budget))
-        .timeout_connect(Some(ms(&config::CONNECT_TIMEOUT_MS).min(budget)))
+        .timeout_connect(Some(connect.min(budget)))
         .build()
         .header("Content-Type", "application/json");
-    if let Some(k) = key {
-        req = req.header("Authorization", format!("Bearer {k}"));
-    }
+    let req = authorize(req, dest, key);
     let mut resp = req.send(body).map_err(|e| (classify(e, budget_ms), None))?;
     let status = resp.status().as_u16();
     if status == 200 {
@@ -330,26 +419,25 @@ fn status_error(resp: &mut ureq::http::Response<ureq::Body>, key: Option<&str>) 
 /// that complete no event.
 fn stream_attempt(
     agent: &Agent,
-    url: &str,
+    dest: &Dest,
     body: &[u8],
     key: Option<&str>,
     left: Duration,
     sink: &mut dyn Sink,
 ) -> Result<(), AttemptError> {
-    let gap = ms(&config::ATTEMPT_TIMEOUT_MS).min(left);
+    let (attempt, connect) = timeouts(dest);
+    let gap = attempt.min(left);
     let gap_ms = gap.as_millis() as u64;
-    let mut req = agent
-        .post(url)
+    let req = agent
+        .post(&dest.url)
         .config()
         .timeout_global(Some(left))
         .timeout_per_read(Some(gap))
-        .timeout_connect(Some(ms(&config::CONNECT_TIMEOUT_MS).min(gap)))
+        .timeout_connect(Some(connect.min(gap)))
         .build()
         .header("Content-Type", "application/json")
         .header("Accept", "text/event-stream");
-    if let Some(k) = key {
-        req = req.header("Authorization", format!("Bearer {k}"));
-    }
+    let req = authorize(req, dest, key);
     let mut resp = req.send(body).map_err(|e| (classify(e, gap_ms), None))?;
     if resp.status().as_u16() != 200 {
         return Err(status_error(&mut resp, key));
@@ -373,7 +461,13 @@ fn stream_attempt(
         .map_err(|e| fail(Failure::Stream(e)))?;
         if !events.is_empty() {
             last_event = Instant::now();
-            if sink.events(events).map_err(fail)? {
+            // The sink cleaned the text with the global key; this is the
+            // key the route really sent.
+            let scrubbed = |f: Failure| match f {
+                Failure::Stream(m) => fail(Failure::Stream(scrub(&m, key))),
+                f => fail(f),
+            };
+            if sink.events(events).map_err(scrubbed)? {
                 return Ok(());
             }
         } else if last_event.elapsed() > gap {

@@ -90,6 +90,19 @@ impl Bill {
         }
     }
 
+    /// Moves `tokens` of the charge (and no request) into a bill of its
+    /// own, for a part of the job that another request will carry.
+    pub fn split(&mut self, tokens: u64) -> Bill {
+        match &mut self.0 {
+            Some(c) => {
+                let t = tokens.min(c.tokens);
+                c.tokens -= t;
+                Bill(Some(c.part(0, t)))
+            }
+            None => Bill(None),
+        }
+    }
+
     /// The call never went upstream: nothing is owed.
     pub fn refund(mut self) {
         self.settle_with(|_| 0, |_| 0);

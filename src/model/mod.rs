@@ -3,6 +3,7 @@
 
 pub mod assemble;
 pub mod batch;
+pub mod breaker;
 pub mod canon;
 pub mod codec;
 pub mod embed;
@@ -15,6 +16,7 @@ pub mod pins;
 pub mod quota;
 pub mod reply;
 pub mod retry;
+pub mod routes;
 pub mod sse;
 pub mod ttl;
 pub mod window;

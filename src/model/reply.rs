@@ -20,6 +20,9 @@ pub enum Status {
     Miss,
     /// This call joined a fill another call started.
     Coalesced,
+    /// The model was unavailable: a fallback model answered (stored under
+    /// the fallback request's key, whose TTL is reported).
+    Fallback,
 }
 
 impl Status {
@@ -28,6 +31,7 @@ impl Status {
             Status::Hit => b"hit",
             Status::Miss => b"miss",
             Status::Coalesced => b"coalesced",
+            Status::Fallback => b"fallback",
         }
     }
 }

@@ -96,6 +96,18 @@ impl SplitMix {
     }
 }
 
+/// Refresh-ahead: an entry with `remaining_ms` left of a nominal TTL of
+/// `ttl_secs` is in the last `pct`% of it. The nominal TTL (EX or the
+/// default), not the jittered one: the window is the same length for
+/// every entry, and a jittered-short entry simply enters it sooner.
+pub fn refresh_due(remaining_ms: i64, ttl_secs: u64, pct: u64) -> bool {
+    if remaining_ms < 0 || ttl_secs == 0 || pct == 0 {
+        return false;
+    }
+    let window = u128::from(ttl_secs) * 1000 * u128::from(pct) / 100;
+    (remaining_ms as u128) <= window
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,5 +181,17 @@ mod tests {
         assert_ne!(a, b);
         rng.reseed(7);
         assert_eq!(rng.next(), a);
+    }
+
+    #[test]
+    fn refresh_is_due_in_the_last_pct_of_the_nominal_ttl() {
+        assert!(!refresh_due(600, 1, 40));
+        assert!(refresh_due(400, 1, 40));
+        assert!(refresh_due(0, 1, 40));
+        assert!(!refresh_due(-1, 1, 40), "no expiry: nothing to refresh");
+        assert!(!refresh_due(-2, 1, 40), "gone");
+        assert!(!refresh_due(10, 0, 40), "kept forever");
+        assert!(!refresh_due(10, 1, 0), "off");
+        assert!(!refresh_due(i64::MAX, MAX_TTL_SECS, 90));
     }
 }

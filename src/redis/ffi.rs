@@ -353,7 +353,7 @@ pub fn send(ctx: &Context, reply: &Reply) {
 fn send_meta(ctx: &Context, m: &Meta, ttl: i64) {
     let age = match m.status {
         Status::Hit => -1,
-        Status::Miss | Status::Coalesced => 0,
+        Status::Miss | Status::Coalesced | Status::Fallback => 0,
     };
     reply_array(ctx, 3);
     reply_bytes(ctx, m.status.word());
