@@ -192,7 +192,11 @@ mod tests {
         assert_eq!(b.admit(601), Admit::Probe);
         let second = b.probe_seq();
         b.release_probe_if(second - 1);
-        assert_eq!(b.admit(602), Admit::No, "a stale probe cannot free the live one");
+        assert_eq!(
+            b.admit(602),
+            Admit::No,
+            "a stale probe cannot free the live one"
+        );
         b.release_probe_if(second);
         assert_eq!(b.admit(603), Admit::Probe);
         b.reset();
