@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::config::{self, Checked};
 use crate::fill::upstream::{Failure, Sink, Upstream};
 use crate::model::breaker::{Admit, Breaker, Limits, State};
-use crate::model::routes::{self, Api, Checks, Route};
+use crate::model::routes::{self, Api, Auth, Checks, Route};
 use crate::model::ttl::now_ms;
 use crate::stats::STATS;
 use crate::stats::{Counter, Latency};
@@ -221,6 +221,31 @@ fn each_endpoint<T>(
         }
     }
     Err(last.unwrap_or_else(|| Failure::Request("no endpoint is configured".into())))
+}
+
+/// The route's own timeouts, else the global ones.
+pub(crate) fn timeouts(dest: &Dest) -> (Duration, Duration) {
+    let r = &dest.endpoint.route;
+    let attempt = r.timeout_ms.map_or_else(
+        || Duration::from_millis(config::ATTEMPT_TIMEOUT_MS.get_u64()),
+        Duration::from_millis,
+    );
+    let connect = r.connect_timeout_ms.map_or_else(
+        || Duration::from_millis(config::CONNECT_TIMEOUT_MS.get_u64()),
+        Duration::from_millis,
+    );
+    (attempt, connect)
+}
+
+pub(crate) type Request = ureq::RequestBuilder<ureq::typestate::WithBody>;
+
+/// The credentials header of the route's auth style.
+pub(crate) fn authorize(req: Request, dest: &Dest, key: Option<&str>) -> Request {
+    match (&dest.endpoint.route.auth, key) {
+        (Auth::Azure, Some(k)) => req.header("api-key", k),
+        (Auth::Bearer, Some(k)) => req.header("Authorization", format!("Bearer {k}")),
+        _ => req,
+    }
 }
 
 /// A held concurrency slot, given back on drop.

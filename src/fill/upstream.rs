@@ -13,11 +13,11 @@ use ureq::Agent;
 use crate::config::{self, Bounded};
 use crate::fill::apikey;
 pub use crate::fill::endpoints::Dest;
+use crate::fill::endpoints::{authorize, timeouts};
 use crate::fill::resolve::BoundedResolver;
 use crate::model::breaker::State;
 use crate::model::errors::sanitize;
 use crate::model::retry::{parse_retry_after, Outcome, Policy};
-use crate::model::routes::Auth;
 use crate::model::sse::{Event, Parser};
 use crate::stats::STATS;
 
@@ -334,29 +334,6 @@ fn sleep_unless_stopping(wait: Duration, stopping: &AtomicBool) {
 }
 
 type AttemptError = (Failure, Option<Duration>);
-
-/// The route's own timeouts, else the global ones.
-fn timeouts(dest: &Dest) -> (Duration, Duration) {
-    let r = &dest.endpoint.route;
-    let attempt = r
-        .timeout_ms
-        .map_or_else(|| ms(&config::ATTEMPT_TIMEOUT_MS), Duration::from_millis);
-    let connect = r
-        .connect_timeout_ms
-        .map_or_else(|| ms(&config::CONNECT_TIMEOUT_MS), Duration::from_millis);
-    (attempt, connect)
-}
-
-type Request = ureq::RequestBuilder<ureq::typestate::WithBody>;
-
-/// The credentials header of the route's auth style.
-fn authorize(req: Request, dest: &Dest, key: Option<&str>) -> Request {
-    match (&dest.endpoint.route.auth, key) {
-        (Auth::Azure, Some(k)) => req.header("api-key", k),
-        (Auth::Bearer, Some(k)) => req.header("Authorization", format!("Bearer {k}")),
-        _ => req,
-    }
-}
 
 fn attempt(
     agent: &Agent,
