@@ -28,26 +28,9 @@ def server(up, window_ms, workers=256, extra_args=()):
 HERD_MODEL = "herd-d8"
 
 
-def lone_misses(up, n=20, latency_ms=50):
-    """p50 of n misses one at a time, batching off: the uncontended baseline."""
-    s = server(up, 0)
-    try:
-        up.reset()
-        up.latency(latency_ms)
-        c = s.client()
-        took = []
-        for i in range(n):
-            t = time.perf_counter()
-            c.execute_command("EMBCACHE.FETCH", "lone", HERD_MODEL, 1, f"lone {i}")
-            took.append((time.perf_counter() - t) * 1000)
-        return pct(took, 50)
-    finally:
-        s.stop()
-
-
-def one_big_fetch(up, n=100, runs=10, latency_ms=50):
-    """p50 of one FETCH of n distinct texts, batching off: the request a
-    full batch makes, without any window wait."""
+def sequential_fetches(up, texts_per_fetch, runs, latency_ms=50):
+    """p50 of `runs` FETCHes of `texts_per_fetch` new texts, one at a time,
+    batching off: the uncontended baselines."""
     s = server(up, 0)
     try:
         up.reset()
@@ -55,9 +38,9 @@ def one_big_fetch(up, n=100, runs=10, latency_ms=50):
         c = s.client()
         took = []
         for r in range(runs):
-            texts = [f"big {r} {i}" for i in range(n)]
+            texts = [f"seq {texts_per_fetch} {r} {i}" for i in range(texts_per_fetch)]
             t = time.perf_counter()
-            c.execute_command("EMBCACHE.FETCH", "big", HERD_MODEL, n, *texts)
+            c.execute_command("EMBCACHE.FETCH", "seq", HERD_MODEL, len(texts), *texts)
             took.append((time.perf_counter() - t) * 1000)
         return pct(took, 50)
     finally:
@@ -178,8 +161,8 @@ def refresh_ahead(up, keys=1000, ttl=3, pct_ahead=30, periods=10, cycle_s=0.15):
 def run():
     up = Upstream()
     try:
-        lone = lone_misses(up)
-        big = one_big_fetch(up)
+        lone = sequential_fetches(up, 1, 20)  # one miss alone
+        big = sequential_fetches(up, 100, 10)  # the request a full batch makes
         off = herd_distinct(up, 0)
         on = herd_distinct(up, 5)
         zipf = {w: zipf_replay(up, w) for w in (5, 25, 100, 250)}

@@ -367,8 +367,13 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         .iter()
         .filter(|&&s| entries[s].hit.is_some())
         .fold((0u64, 0u64), |(n, t), &s| (n + 1, t + entries[s].tokens));
+    // An all-hit call with nothing to refresh goes nowhere: no route lookup.
+    let fills = entries.iter().any(|e| e.hit.is_none()) || !stale.is_empty();
     let spec = EmbedSpec {
-        plan: crate::fill::endpoints::table().plan(Api::Embeddings, model_str),
+        plan: match fills {
+            true => crate::fill::endpoints::table().plan(Api::Embeddings, model_str),
+            false => Vec::new(),
+        },
         model: model_str.to_string(),
         dims: opts.dims,
         pin_key: opts.dims.is_none().then(|| ns.dims_key()),
