@@ -25,6 +25,7 @@ import flush  # noqa: E402
 import langchain_compare  # noqa: E402
 import hardening  # noqa: E402
 import limits  # noqa: E402
+import semantic  # noqa: E402
 import streams  # noqa: E402
 
 M = b"text-embedding-3-small"
@@ -175,3 +176,4 @@ if __name__ == "__main__":
     print(langchain_compare.run())
     print(cluster_failover.run())
     print(economy.run())
+    print(semantic.run())

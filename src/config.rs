@@ -110,6 +110,15 @@ pub static BREAKER_FAILURES: Bounded = Bounded::new(5, 0, 10_000);
 pub static BREAKER_WINDOW_MS: Bounded = Bounded::new(10_000, 1, 3_600_000);
 /// How long an open circuit refuses before one probe may go.
 pub static BREAKER_COOLDOWN_MS: Bounded = Bounded::new(5_000, 1, 3_600_000);
+/// The embedding model that semantic lookups (FETCH ... SIMILAR) embed
+/// prompts with; part of every semantic context, so changing it starts
+/// over with no candidates.
+pub static SEMANTIC_MODEL: Checked = Checked::new(check_semantic_model, "text-embedding-3-small");
+/// The cosine similarity `SIMILAR` without a number asks for.
+pub static SEMANTIC_THRESHOLD: Checked = Checked::new(check_threshold, "0.92");
+/// Entries the in-memory semantic index holds at most; more are not
+/// searchable (INFO semantic_index_full counts them).
+pub static SEMANTIC_MAX_ENTRIES: Bounded = Bounded::new(1_000_000, 0, 1 << 28);
 /// Extra endpoints (see routes.rs for the grammar); empty slots are unused.
 pub static ROUTES: [Checked; crate::model::routes::MAX_ROUTES] =
     [const { Checked::new(check_route, "") }; crate::model::routes::MAX_ROUTES];
@@ -311,6 +320,19 @@ fn check_tenant_source(s: &str) -> Result<(), String> {
     }
 }
 
+fn check_semantic_model(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > crate::model::keys::MAX_MODEL_BYTES {
+        return Err("semantic-model must be 1 to 256 bytes".into());
+    }
+    Ok(())
+}
+
+fn check_threshold(s: &str) -> Result<(), String> {
+    crate::model::semantic::parse_threshold(s.as_bytes())
+        .map(|_| ())
+        .ok_or_else(|| "semantic-threshold must be a number from 0 to 1".into())
+}
+
 /// One consistent view of the configs for the length of a command.
 pub struct Settings {
     pub prefix: Arc<str>,
@@ -334,6 +356,8 @@ pub struct Settings {
     pub base64: bool,
     pub tenant_source: Arc<str>,
     pub model_dims: Arc<str>,
+    pub semantic_model: Arc<str>,
+    pub semantic_threshold: f64,
 }
 
 impl Settings {
@@ -360,6 +384,11 @@ impl Settings {
             base64: UPSTREAM_BASE64.load(Ordering::Relaxed),
             tenant_source: TENANT_SOURCE.value(),
             model_dims: MODEL_DIMS.value(),
+            semantic_model: SEMANTIC_MODEL.value(),
+            semantic_threshold: crate::model::semantic::parse_threshold(
+                SEMANTIC_THRESHOLD.value().as_bytes(),
+            )
+            .unwrap_or(0.92),
         }
     }
 

@@ -33,8 +33,16 @@ fn init(ctx: &Context, _args: &[RedisString]) -> Status {
         redis::blocked::deinit();
         return Status::Err;
     }
+    if let Err(e) = fill::semindex::start() {
+        ctx.log_warning(&model::errors::sanitize(&e));
+        fill::pool::stop();
+        redis::blocked::deinit();
+        return Status::Err;
+    }
     redis::events::on_shutdown(ctx, shutdown);
-    redis::events::on_flush(ctx, fill::pins::forget_db);
+    redis::events::on_flush(ctx, on_flush);
+    redis::keyspace::on_key_event(ctx, fill::semindex::note_key_event);
+    redis::keyspace::on_loading(ctx, fill::semindex::note_loading);
     redis::events::on_resetstat(ctx, || {
         stats::STATS.reset();
         stats::FILL_LATENCY.reset();
@@ -42,6 +50,12 @@ fn init(ctx: &Context, _args: &[RedisString]) -> Status {
     });
     log_key_source();
     Status::Ok
+}
+
+/// FLUSHDB (`Some(db)`), or FLUSHALL, SWAPDB, a role change (`None`).
+fn on_flush(db: Option<i32>) {
+    fill::pins::forget_db(db);
+    fill::semindex::note_flush(db);
 }
 
 /// Which key source is in use (never the key), and a warning when the key
@@ -82,6 +96,7 @@ fn deinit(ctx: &Context) -> Status {
         || fill::pool::busy() > 0
         || fill::batcher::open_batches() > 0
         || redis::keywait::wake_pending()
+        || !fill::semindex::stop()
     {
         ctx.log_warning("aicache: fills are still running; MODULE UNLOAD refused, try again");
         return Status::Err;
@@ -128,6 +143,9 @@ fn info_section(ctx: &InfoContext, for_crash_report: bool) -> RedisResult<()> {
             .field("deadline_timers", redis::blocked::live_timers())?
             .field("batches_open", fill::batcher::open_batches() as u64)?
             .field("refreshes_in_flight", fill::refresh::in_flight() as u64)?;
+        for (name, value) in fill::semindex::gauges() {
+            section = section.field(name, value)?;
+        }
         for (name, value) in fill::endpoints::table().info() {
             section = section.field(&name, value)?;
         }
@@ -159,6 +177,8 @@ redis_module! {
         // write from workers, hence the write ACL category.
         ["embcache.fetch", commands::embcache_fetch, "readonly", 1, 1, 1, "", "write"],
         ["llmcache.fetch", commands::llmcache_fetch, "readonly", 1, 1, 1, "", "write"],
+        // SIMILAR may cache the prompt's embedding from a worker, like a fill.
+        ["llmcache.similar", commands::llmcache_similar, "readonly", 1, 1, 1, "", "write"],
         // STREAM starts fills like FETCH; READ may end an orphaned Stream.
         ["llmcache.stream", commands::llmcache_stream, "readonly", 1, 1, 1, "", "write"],
         ["llmcache.read", commands::llmcache_read, "readonly", 1, 1, 1, "", "read"],
@@ -207,6 +227,7 @@ redis_module! {
             ["breaker-failures", &BREAKER_FAILURES, BREAKER_FAILURES.default, BREAKER_FAILURES.min, BREAKER_FAILURES.max, ConfigurationFlags::DEFAULT, None],
             ["breaker-window-ms", &BREAKER_WINDOW_MS, BREAKER_WINDOW_MS.default, BREAKER_WINDOW_MS.min, BREAKER_WINDOW_MS.max, ConfigurationFlags::DEFAULT, None],
             ["breaker-cooldown-ms", &BREAKER_COOLDOWN_MS, BREAKER_COOLDOWN_MS.default, BREAKER_COOLDOWN_MS.min, BREAKER_COOLDOWN_MS.max, ConfigurationFlags::DEFAULT, None],
+            ["semantic-max-entries", &SEMANTIC_MAX_ENTRIES, SEMANTIC_MAX_ENTRIES.default, SEMANTIC_MAX_ENTRIES.min, SEMANTIC_MAX_ENTRIES.max, ConfigurationFlags::DEFAULT, None],
         ],
         string: [
             ["key-prefix", &KEY_PREFIX, DEFAULT_KEY_PREFIX, ConfigurationFlags::DEFAULT, None],
@@ -228,6 +249,8 @@ redis_module! {
             ["route-8", &ROUTES[7], "", ConfigurationFlags::PROTECTED, Some(Box::new(on_key_config))],
             ["tenant-source", &TENANT_SOURCE, "arg", ConfigurationFlags::DEFAULT, None],
             ["model-dims", &MODEL_DIMS, model::pins::DEFAULT_MODEL_DIMS, ConfigurationFlags::DEFAULT, None],
+            ["semantic-model", &SEMANTIC_MODEL, "text-embedding-3-small", ConfigurationFlags::DEFAULT, None],
+            ["semantic-threshold", &SEMANTIC_THRESHOLD, "0.92", ConfigurationFlags::DEFAULT, None],
         ],
         bool: [
             ["normalize-whitespace", &NORMALIZE_WHITESPACE, false, ConfigurationFlags::DEFAULT, None],

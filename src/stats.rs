@@ -92,6 +92,13 @@ counters!(
     circuit_rejections,
     refreshes_started,
     refreshes_skipped,
+    semantic_lookups,
+    semantic_hits,
+    semantic_misses,
+    semantic_skipped,
+    semantic_errors,
+    semantic_index_full,
+    semantic_rebuilds,
 );
 
 /// Upper bounds (ms) of the fill latency buckets, as Prometheus `le`.

@@ -153,7 +153,25 @@ NAME = "fake"
 NAMED = False
 
 
+def bow_vector(text, dims):
+    """Bag of words: each word adds 1 to one hashed dimension, then the
+    vector is normalised. Texts sharing k of their words (no collisions) have
+    cosine k / sqrt(len(a) * len(b)), so tests can place pairs just above or
+    below a threshold."""
+    v = [0.0] * dims
+    for w in re.findall(r"[a-z0-9]+", text.lower()):
+        h = int.from_bytes(hashlib.sha256(w.encode()).digest()[:4], "big")
+        v[h % dims] += 1.0
+    norm = sum(x * x for x in v) ** 0.5
+    if norm == 0:
+        v[0] = 1.0
+        return v
+    return [x / norm for x in v]
+
+
 def vector(model, text, dims):
+    if model.startswith("bow"):
+        return bow_vector(text, dims)
     seed = hashlib.sha256(f"{model}\0{text}".encode()).digest()
     out = []
     while len(out) < dims:

@@ -53,6 +53,9 @@ DEFAULT_CONFIGS = {
     "aicache.breaker-failures": "5",
     "aicache.breaker-window-ms": "10000",
     "aicache.breaker-cooldown-ms": "5000",
+    "aicache.semantic-model": "text-embedding-3-small",
+    "aicache.semantic-threshold": "0.92",
+    "aicache.semantic-max-entries": "1000000",
 }
 # Fixed at load or admin-only (PROTECTED): not reset between tests.
 LOAD_TIME_CONFIGS = {

@@ -150,6 +150,9 @@ def test_a_tenant_is_confined_to_its_own_namespaces(users):
     refused(fetch, a, "{tenantB}:docs", "x")
     refused(fetch, a, "{tenantAB}:docs", "x")  # the pattern ends at the brace
     refused(a.execute_command, "LLMCACHE.FETCH", "{tenantB}", CHAT)
+    refused(a.execute_command, "LLMCACHE.FETCH", "{tenantB}", CHAT, "SIMILAR", "0")
+    refused(a.execute_command, "LLMCACHE.SIMILAR", "{tenantB}", CHAT)
+    assert a.execute_command("LLMCACHE.SIMILAR", "{tenantA}", CHAT) == []
     refused(a.execute_command, "AICACHE.THROTTLE", "{tenantB}:rl", 10, 1000)
     assert a.execute_command("AICACHE.THROTTLE", "{tenantA}:rl", 10, 1000)[0] == 1
     for args in (["CONFIG", "GET", "*"], ["CONFIG", "SET", "aicache.tenant-max-tokens", "0"],

@@ -149,8 +149,8 @@ def test_module_unload_waits_for_blocked_clients_then_joins_the_pool(upstream):
         c = s.client()
         assert sorted(worker_threads(s.proc.pid)) == ["aicache-append", "aicache-batch",
                                                       "aicache-dns0",
-                                                      "aicache-dns1", "aicache-w0",
-                                                      "aicache-w1", "aicache-w2"]
+                                                      "aicache-dns1", "aicache-semidx",
+                                                      "aicache-w0", "aicache-w1", "aicache-w2"]
         upstream.reset()
         upstream.latency(500)
         got = []

@@ -68,7 +68,9 @@ CUT = {**RESP, "choices": [{"index": 0, "message": {"content": "A"}, "finish_rea
 
 @pytest.mark.parametrize("args,pattern", [
     (["chat", j(REQ)], "wrong number of arguments"),
-    (["chat", j(REQ), j(RESP), "EX"], "unknown option 'EX'"),
+    (["chat", j(REQ), j(RESP), "EX"], "EX needs a value"),
+    (["chat", j(REQ), j(RESP), "PX", 5], "unknown option 'PX'; expected EX or VECTOR"),
+    (["chat", j(REQ), j(RESP), "VECTOR", "[0, 0]"], "VECTOR must not be all zeros"),
     (["chat", j(REQ), j(RESP), "EX", 0], "EX must be a positive integer"),
     (["chat", "{not json", j(RESP)], "request is not valid JSON"),
     (["chat", "[1]", j(RESP)], "request must be a JSON object"),

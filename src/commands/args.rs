@@ -10,6 +10,7 @@ use crate::model::errors::describe;
 use crate::model::keys::{
     model_generation_field, Generations, Namespace, EMB_GENERATION_FIELD, LLM_GENERATION_FIELD,
 };
+use crate::model::semantic::parse_threshold;
 use crate::model::ttl::{now_ms, parse_ex, JITTER_RNG};
 use crate::redis::ffi::{self, error};
 
@@ -131,6 +132,9 @@ pub struct FetchOptions {
     pub ex: Option<u64>,
     pub tenant: Option<Vec<u8>>,
     pub with_meta: bool,
+    /// `SIMILAR [threshold]` (LLMCACHE.FETCH): `Some(None)` asks for the
+    /// configured threshold.
+    pub similar: Option<Option<f64>>,
 }
 
 /// Longest TIMEOUT a call may ask for: one day.
@@ -168,7 +172,7 @@ pub fn fetch_options<A: Deref<Target = [u8]>>(
     let expected = if vectors {
         "TIMEOUT, REFRESH, NOSTORE, EX, TENANT, DIMENSIONS, FORMAT or WITHMETA"
     } else {
-        "TIMEOUT, REFRESH, NOSTORE, EX, TENANT or WITHMETA"
+        "TIMEOUT, REFRESH, NOSTORE, EX, TENANT, WITHMETA or SIMILAR"
     };
     let mut i = 0;
     while i < args.len() {
@@ -196,6 +200,19 @@ pub fn fetch_options<A: Deref<Target = [u8]>>(
         } else if vectors && is_word(a, "DIMENSIONS") {
             i += 1;
             o.dims = Some(number(at(i), "DIMENSIONS", 1, max_dims as u64)? as u32);
+        } else if !vectors && is_word(a, "SIMILAR") {
+            // The threshold is optional: option words never start with a
+            // digit or a dot, numbers always do.
+            let t = match at(i + 1) {
+                Some(n) if n.first().is_some_and(|c| c.is_ascii_digit() || *c == b'.') => {
+                    i += 1;
+                    Some(parse_threshold(n).ok_or_else(|| {
+                        error("ERR SIMILAR threshold must be a number from 0 to 1")
+                    })?)
+                }
+                _ => None,
+            };
+            o.similar = Some(t);
         } else if vectors && is_word(a, "FORMAT") {
             i += 1;
             o.json = match at(i) {
@@ -289,6 +306,22 @@ mod tests {
             let err = opts(words, *vectors).err().unwrap_or_default();
             assert!(err.contains(want), "{words:?}: {err}");
         }
+    }
+
+    #[test]
+    fn similar_takes_an_optional_threshold() {
+        let o = opts(&["SIMILAR", "0.8", "NOSTORE"], false).unwrap();
+        assert_eq!(o.similar, Some(Some(0.8)));
+        assert!(o.nostore);
+        let o = opts(&["similar", "WITHMETA"], false).unwrap();
+        assert_eq!(o.similar, Some(None));
+        assert!(o.with_meta);
+        assert_eq!(opts(&["SIMILAR"], false).unwrap().similar, Some(None));
+        for bad in ["1.5", "0.9x", ".", "1e400"] {
+            let err = opts(&["SIMILAR", bad], false).err().unwrap_or_default();
+            assert!(err.contains("SIMILAR threshold must be"), "{bad}: {err}");
+        }
+        assert!(opts(&["SIMILAR"], true).is_err(), "not an EMBCACHE option");
     }
 
     #[test]

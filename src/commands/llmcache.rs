@@ -1,23 +1,25 @@
 //! LLMCACHE.* command handlers. A request is keyed by its canonical form
 //! (see canon.rs); a response is stored byte for byte once validated.
 
-use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
+use redis_module::{Context, ContextFlags, RedisError, RedisResult, RedisString, RedisValue};
 
 use std::sync::Arc;
 
 use crate::commands::args::{
-    bump_generation, check_len, ex_option, expire_at, fetch_options, namespace, namespace_at,
-    tenant, FetchOptions,
+    bump_generation, check_len, expire_at, fetch_options, is_word, namespace, namespace_at, tenant,
+    unknown_option, FetchOptions,
 };
+use crate::commands::similar;
 use crate::config::Settings;
 use crate::fill::call::Shape;
 use crate::fill::pipeline::{self, ChatFallback, ChatSpec, Entry, Kind, Work};
 use crate::fill::refresh;
 use crate::model::canon::{canonical_request, tokens_in_answer, upstream_body, validate_response};
-use crate::model::keys::LLM_GENERATION_FIELD;
+use crate::model::keys::{semantic_key_for, LLM_GENERATION_FIELD};
 use crate::model::quota::estimate_tokens;
 use crate::model::reply::{Meta, Reply, Status};
 use crate::model::routes::Api;
+use crate::model::ttl::parse_ex;
 use crate::redis::ffi::{self, error};
 use crate::stats::STATS;
 
@@ -40,12 +42,27 @@ pub fn request_key(
     Ok((ns.llm_key(&canon.bytes), canon.temperature))
 }
 
-/// LLMCACHE.SET ns request response [EX seconds]
+/// LLMCACHE.SET ns request response [EX seconds] [VECTOR fp32]
+/// VECTOR also stores the prompt's vector (made with
+/// aicache.semantic-model), so FETCH ... SIMILAR can find the entry.
 pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     if args.len() < 4 {
         return Err(RedisError::WrongArity);
     }
-    let ex = ex_option(&args, 4)?;
+    let (mut ex, mut vector) = (None, None);
+    let mut i = 4;
+    while i < args.len() {
+        let (a, next) = (args[i].as_slice(), args.get(i + 1));
+        if is_word(a, "VECTOR") {
+            vector = Some(next.ok_or_else(|| error("ERR VECTOR needs a value"))?);
+        } else if is_word(a, "EX") {
+            let v = next.ok_or_else(|| error("ERR EX needs a value"))?;
+            ex = Some(parse_ex(v.as_slice()).map_err(error)?);
+        } else {
+            return Err(unknown_option(a, "EX or VECTOR"));
+        }
+        i += 2;
+    }
     let cfg = Settings::snapshot();
     let (key, temperature) = request_key(ctx, &cfg, &args)?;
     if temperature > 0.0 && !cfg.cache_sampled {
@@ -61,7 +78,22 @@ pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         "max-response-bytes",
     )?;
     validate_response(response).map_err(error)?;
-    ffi::set_string(ctx, &key, response, expire_at(&cfg, ex))?;
+    let side = match vector {
+        Some(v) => Some(similar::sidecar_for_set(
+            ctx,
+            &cfg,
+            &args,
+            &key,
+            v.as_slice(),
+        )?),
+        None => None,
+    };
+    // One expiry for both: the answer and its vector live and die together.
+    let at = expire_at(&cfg, ex);
+    ffi::set_string(ctx, &key, response, at)?;
+    if let Some((sem_key, bytes)) = side {
+        ffi::set_string(ctx, &sem_key, &bytes, at)?;
+    }
     Ok(RedisValue::SimpleStringStatic("OK"))
 }
 
@@ -86,6 +118,9 @@ pub fn del(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let cfg = Settings::snapshot();
     let (key, _) = request_key(ctx, &cfg, &args)?;
     let n = ffi::call(ctx, "DEL", &[&key], true, ffi::reply_as_i64)?;
+    if let Some(sem) = semantic_key_for(&cfg.prefix, &key) {
+        ffi::call(ctx, "DEL", &[&sem], true, |_| ())?;
+    }
     Ok(RedisValue::Integer(n))
 }
 
@@ -107,10 +142,17 @@ pub fn flush(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     }
     let cfg = Settings::snapshot();
     let ns = namespace(&cfg, &args[1])?;
-    bump_generation(ctx, &ns, LLM_GENERATION_FIELD)
+    let bumped = bump_generation(ctx, &ns, LLM_GENERATION_FIELD)?;
+    // The old generation's contexts can no longer match; drop them now
+    // rather than as their entries expire.
+    if let RedisValue::Integer(g) = bumped {
+        crate::fill::semindex::note_flush_namespace(ffi::selected_db(ctx), ns.id(), g as u64);
+    }
+    Ok(bumped)
 }
 
 /// LLMCACHE.FETCH ns request [TIMEOUT ms] [REFRESH] [NOSTORE] [EX seconds]
+/// [WITHMETA] [TENANT t] [SIMILAR [threshold]]
 pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let FetchCall {
         cfg,
@@ -150,7 +192,31 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         }
     }
     let body = upstream_body(args[2].as_slice()).map_err(error)?;
-    let work = chat_work(ctx, &cfg, &args, &opts, key, nostore, body)?;
+    let semantic = match opts.similar {
+        // REFRESH skips every cached answer, similar ones too, but the
+        // new entry is still indexed.
+        // A replica cannot keep what REFRESH fetches: the plain refusal.
+        Some(_) if opts.refresh && !ctx.get_flags().contains(ContextFlags::MASTER) => None,
+        Some(t) => {
+            let t = if opts.refresh {
+                f64::INFINITY
+            } else {
+                t.unwrap_or(cfg.semantic_threshold)
+            };
+            let s = similar::spec(ctx, &cfg, &args, &key, t, 1)?;
+            if s.is_none() {
+                STATS.semantic_skipped.incr();
+            }
+            s
+        }
+        None => None,
+    };
+    let mut work = chat_work(ctx, &cfg, &args, &opts, key, nostore, body)?;
+    if let (Some(s), Kind::Chat(spec)) = (semantic, &mut work.kind) {
+        if let Some(spec) = Arc::get_mut(spec) {
+            spec.semantic = Some(Arc::new(s));
+        }
+    }
     let replied = pipeline::fetch(ctx, work)?;
     STATS.misses.incr();
     STATS.llm_misses.incr();
@@ -245,6 +311,7 @@ pub fn chat_work(
         body,
         max_bytes: cfg.max_response_bytes,
         fallback,
+        semantic: None,
     };
     Ok(Work {
         db: ffi::selected_db(ctx),

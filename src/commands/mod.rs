@@ -5,6 +5,7 @@ pub mod args;
 pub mod debug;
 pub mod embcache;
 pub mod llmcache;
+pub mod similar;
 pub mod stream;
 pub mod throttle;
 
@@ -37,6 +38,7 @@ guarded! {
     llmcache_key => "LLMCACHE.KEY", llmcache::key;
     llmcache_fetch => "LLMCACHE.FETCH", llmcache::fetch;
     llmcache_flush => "LLMCACHE.FLUSH", llmcache::flush;
+    llmcache_similar => "LLMCACHE.SIMILAR", similar::similar;
     llmcache_stream => "LLMCACHE.STREAM", stream::stream;
     llmcache_read => "LLMCACHE.READ", stream::read;
     aicache_throttle => "AICACHE.THROTTLE", throttle::throttle;

@@ -48,6 +48,11 @@ pub fn stream(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
             "ERR WITHMETA is a FETCH option; STREAM already replies hit or stream",
         ));
     }
+    if opts.similar.is_some() {
+        return Err(error(
+            "ERR SIMILAR is a FETCH option; STREAM serves exact entries only",
+        ));
+    }
     if !opts.refresh {
         let hit = ffi::with_string(ctx, &key, |v| {
             v.map(|v| (reply_pair(ctx, b"hit", v), tokens_in_answer(v)))

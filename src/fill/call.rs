@@ -122,13 +122,26 @@ impl Call {
         }
     }
 
-    /// Slot `slot` is answered by a fallback model, stored under `key`.
-    pub fn fell_back(&self, slot: usize, key: Arc<[u8]>) {
+    /// Slot `slot` is answered by another entry than its own (a fallback
+    /// model's, a similar request's), stored under `key`.
+    pub fn mark(&self, slot: usize, status: Status, key: Arc<[u8]>) {
         if let Some(m) = self.lock().meta.as_mut() {
             if let (Some(s), Some(k)) = (m.status.get_mut(slot), m.keys.get_mut(slot)) {
-                *s = Status::Fallback;
+                *s = status;
                 *k = key;
             }
+        }
+    }
+
+    /// Answers with `reply` unless already answered (LLMCACHE.SIMILAR).
+    pub fn reply(&self, reply: Reply) {
+        let answer = {
+            let mut st = self.lock();
+            st.slots.clear();
+            st.answer.take()
+        };
+        if let Some(a) = answer {
+            a.send(reply);
         }
     }
 
@@ -242,7 +255,8 @@ fn render(slots: &[Slot], shape: &Shape, meta: Option<&MetaPlan>) -> Reply {
             .cloned()
             .unwrap_or_else(|| Arc::from(&b""[..])),
         stored: matches!(slots.get(slot), Some(Slot::Value(_)))
-            && (plan.stored || plan.status.get(slot) == Some(&Status::Hit)),
+            && (plan.stored
+                || matches!(plan.status.get(slot), Some(Status::Hit | Status::Similar))),
     };
     let (meta, single) = match shape {
         Shape::Single => (vec![of(0)], true),

@@ -171,6 +171,7 @@ fn chat_fill(plan: Vec<Dest>, fallback: Option<ChatFallback>) -> Work {
             body: b"{}".to_vec(),
             max_bytes: 1 << 20,
             fallback,
+            semantic: None,
         })),
         entries: vec![Entry {
             key: b"llm:orig".to_vec(),

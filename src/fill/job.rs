@@ -10,6 +10,7 @@ use crate::fill::call::{FillError, FillResult};
 use crate::fill::endpoints::post_any;
 use crate::fill::endpoints::Dest;
 use crate::fill::pipeline::{ChatSpec, EmbedSpec, Expiry, Pending};
+use crate::fill::semantic::{self, Replier, SemSpec};
 use crate::fill::store::{Commit, Store};
 use crate::fill::streaming::{self, Target};
 use crate::fill::upstream::{Failure, Upstream};
@@ -41,6 +42,11 @@ pub enum Task {
         key: Vec<u8>,
         target: Target,
     },
+    /// LLMCACHE.SIMILAR: the nearest entries of a context, no fill.
+    Similar {
+        spec: Arc<SemSpec>,
+        reply: Replier,
+    },
 }
 
 /// A unit of work for the pool. A job refused by the queue is failed with
@@ -58,15 +64,15 @@ pub struct Job {
 
 /// Upstream requests made and tokens they reported.
 #[derive(Default)]
-struct Spent {
-    requests: u64,
-    tokens: u64,
-    answered: bool,
+pub(crate) struct Spent {
+    pub requests: u64,
+    pub tokens: u64,
+    pub answered: bool,
 }
 
 impl Spent {
     /// A request counts unless nothing was sent (open circuits, no key).
-    fn count<T>(&mut self, posted: &Result<T, Failure>) {
+    pub(crate) fn count<T>(&mut self, posted: &Result<T, Failure>) {
         if !matches!(posted, Err(f) if f.sent_nothing()) {
             self.requests += 1;
         }
@@ -76,10 +82,14 @@ impl Spent {
 impl Job {
     /// A refused job never called upstream: its charge is refunded.
     pub fn fail(mut self, msg: &str) {
-        if let Task::Batch(jobs) = &mut self.task {
-            for j in std::mem::take(jobs) {
-                j.fail(msg);
+        match &mut self.task {
+            Task::Batch(jobs) => {
+                for j in std::mem::take(jobs) {
+                    j.fail(msg);
+                }
             }
+            Task::Similar { reply, .. } => reply.fail(msg),
+            _ => {}
         }
         self.bill.refund();
         self.pending.fail(msg);
@@ -136,6 +146,9 @@ impl Job {
     }
 
     pub fn run(mut self, up: &dyn Upstream, store: &dyn Store) {
+        if let Task::Similar { .. } = &self.task {
+            return self.run_similar(up, store);
+        }
         if let Task::Batch(jobs) = &mut self.task {
             return run_batch(up, store, std::mem::take(jobs));
         }
@@ -153,7 +166,7 @@ impl Job {
                 Task::Chat { .. } => {
                     self.replay_to_stream(store, &Err(FillError::whole(&f.message())))
                 }
-                Task::Embed { .. } | Task::Batch(_) => {}
+                Task::Embed { .. } | Task::Batch(_) | Task::Similar { .. } => {}
             }
             self.bill.refund();
             return self.pending.fail(&f.message());
@@ -163,14 +176,15 @@ impl Job {
         match &self.task {
             Task::Embed { .. } | Task::Batch(_) => {}
             Task::Chat { spec, key } => {
-                let (result, spent, fell_back) = chat(up, store, &self, spec, key);
+                let done = semantic::chat(up, store, &self, spec, key);
                 latency();
-                self.replay_to_stream(store, &result);
-                self.bill
-                    .settle(spent.requests, spent.tokens, spent.answered);
+                self.replay_to_stream(store, &done.result);
+                let s = &done.spent;
+                self.bill.settle(s.requests, s.tokens, s.answered);
                 self.pending
-                    .finish_marked(vec![result], true, vec![fell_back]);
+                    .finish_marked(vec![done.result], done.remember, vec![done.mark]);
             }
+            Task::Similar { .. } => {}
             Task::Stream { spec, key, target } => {
                 let _running = Running::new();
                 let s = streaming::run(up, store, spec, target, key, self.deadline, self.expiry);
@@ -178,6 +192,31 @@ impl Job {
                 self.pending.finish(vec![s.result], true);
             }
         }
+    }
+}
+
+impl Job {
+    fn run_similar(self, up: &dyn Upstream, store: &dyn Store) {
+        let Job {
+            bill,
+            task,
+            db,
+            deadline,
+            queued,
+            ..
+        } = self;
+        let Task::Similar { spec, mut reply } = task else {
+            return;
+        };
+        if Instant::now() >= deadline {
+            let f = Failure::QueueExpired(queued.elapsed().as_millis() as u64);
+            f.count();
+            bill.refund();
+            return reply.fail(&f.message());
+        }
+        let (answer, s) = semantic::similar(up, store, db, deadline, &spec);
+        bill.settle(s.requests, s.tokens, s.answered);
+        reply.send(answer);
     }
 }
 
@@ -312,6 +351,8 @@ fn keep(
         dims,
         entries,
         expiry: job.expiry,
+        together: false,
+        companion: None,
     };
     if let Err(msg) = store.commit(&commit) {
         results = fail_values(results, &FillError::whole(&msg));
@@ -407,13 +448,15 @@ fn ask(
 /// A chat fill. When every endpoint of the model is unavailable and its
 /// route names a fallback model, that model is asked instead: its answer
 /// is replied, marked, and stored under the fallback request's own key
-/// (the third value), never under the original's.
-fn chat(
+/// (the third value), never under the original's. `sidecar` (key, bytes)
+/// is stored with the answer, same expiry, unless a fallback answered.
+pub(crate) fn chat(
     up: &dyn Upstream,
     store: &dyn Store,
     job: &Job,
     spec: &ChatSpec,
     key: &[u8],
+    sidecar: Option<(&[u8], &[u8])>,
 ) -> (FillResult, Spent, Option<Arc<[u8]>>) {
     let mut spent = Spent::default();
     let first = ask(
@@ -455,12 +498,26 @@ fn chat(
     STATS.tokens_prompt.add(usage.prompt);
     STATS.tokens_completion.add(usage.completion);
     STATS.tokens_total.add(usage.total);
+    let mut entries = vec![(fell_back.as_deref().unwrap_or(key), body.as_slice())];
+    // A refill without a new vector (refresh-ahead, REFRESH) keeps the
+    // entry's existing sidecar alive as long as the answer.
+    let mut companion = None;
+    match (sidecar, &fell_back) {
+        (Some(side), None) => entries.push(side),
+        (None, None) => {
+            companion =
+                crate::model::keys::semantic_key_for(&crate::config::KEY_PREFIX.value(), key)
+        }
+        _ => {}
+    }
     let commit = Commit {
         db: job.db,
         pin: None,
         dims: 0,
-        entries: vec![(fell_back.as_deref().unwrap_or(key), body.as_slice())],
+        entries,
         expiry: job.expiry,
+        together: true,
+        companion: companion.as_deref(),
     };
     if let Err(msg) = store.commit(&commit) {
         return (Err(FillError::whole(&msg)), spent, None);

@@ -12,6 +12,8 @@ pub mod pipeline;
 pub mod pool;
 pub mod refresh;
 pub mod resolve;
+pub mod semantic;
+pub mod semindex;
 pub mod store;
 pub mod streaming;
 pub mod streams;
@@ -19,6 +21,8 @@ pub mod upstream;
 
 #[cfg(test)]
 mod economy_tests;
+#[cfg(test)]
+mod semantic_tests;
 #[cfg(test)]
 mod stream_tests;
 #[cfg(test)]

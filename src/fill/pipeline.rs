@@ -56,6 +56,8 @@ pub struct ChatSpec {
     pub body: Vec<u8>,
     pub max_bytes: usize,
     pub fallback: Option<ChatFallback>,
+    /// FETCH ... SIMILAR: look for a similar entry before filling.
+    pub semantic: Option<Arc<crate::fill::semantic::SemSpec>>,
 }
 
 /// The request a chat fill makes instead when its model is unavailable.
@@ -140,6 +142,14 @@ impl Work {
         let mut k = self.entries[slot].key.clone();
         k.extend_from_slice(&self.db.to_be_bytes());
         k.push(u8::from(self.expiry.is_none()));
+        // A call that may be answered by a similar entry never shares a
+        // fill with one that asked for its exact entry only.
+        if let Kind::Chat(spec) = &self.kind {
+            if let Some(sem) = &spec.semantic {
+                k.extend_from_slice(b"~similar");
+                k.extend_from_slice(&sem.threshold.to_bits().to_be_bytes());
+            }
+        }
         k
     }
 }
@@ -176,7 +186,9 @@ pub fn fetch(ctx: &Context, work: Work) -> RedisResult {
         let reply = crate::fill::call::render_hits(slots, &work.shape, plan.as_ref());
         return Ok(ffi::send_now(ctx, reply));
     }
-    check_can_fill(ctx, missing)?;
+    // A semantic lookup may answer on a replica; only its fill may not.
+    let replica_ok = matches!(&work.kind, Kind::Chat(s) if s.semantic.is_some());
+    check_can_fill(ctx, missing, replica_ok)?;
     let timeout_ms = work.timeout_ms;
     let block = |call: Weak<Call>| -> Option<Box<dyn Answer>> {
         let on_deadline = Box::new(move || {
@@ -198,13 +210,17 @@ pub fn fetch(ctx: &Context, work: Work) -> RedisResult {
 
 /// Misses need a real block and a master that may write; anything else
 /// is answered now, before any fill starts.
-fn check_can_fill(ctx: &Context, misses: usize) -> Result<(), redis_module::RedisError> {
+fn check_can_fill(
+    ctx: &Context,
+    misses: usize,
+    replica_ok: bool,
+) -> Result<(), redis_module::RedisError> {
     let flags = ctx.get_flags();
     let why = if flags
         .intersects(ContextFlags::MULTI | ContextFlags::LUA | ContextFlags::DENY_BLOCKING)
     {
         "and this context cannot block (MULTI, script or module call); run FETCH on its own or read with GET"
-    } else if !flags.contains(ContextFlags::MASTER) {
+    } else if !flags.contains(ContextFlags::MASTER) && !replica_ok {
         "on a replica; fills run on the master"
     } else {
         return Ok(());
@@ -413,14 +429,10 @@ impl Pending {
         self.finish_marked(results, remember, marks);
     }
 
-    /// [`Pending::finish`], where `marks[i]` names the key a fallback
-    /// model's answer to fill `i` was stored under.
-    pub fn finish_marked(
-        mut self,
-        results: Vec<FillResult>,
-        remember: bool,
-        marks: Vec<Option<Arc<[u8]>>>,
-    ) {
+    /// [`Pending::finish`], where `marks[i]` says how fill `i` was
+    /// answered other than by its own entry (a fallback model, a similar
+    /// entry) and names the key that answer is stored under.
+    pub fn finish_marked(mut self, results: Vec<FillResult>, remember: bool, marks: Vec<Mark>) {
         if remember && self.fail_memory_ms > 0 {
             let now = now_ms();
             let mut f = failures();
@@ -513,7 +525,7 @@ impl Drop for Pending {
     }
 }
 
-type Mark = Option<Arc<[u8]>>;
+pub type Mark = Option<(Status, Arc<[u8]>)>;
 
 fn complete(results: impl Iterator<Item = ((u64, FillResult), Mark)>) {
     let mut handed: Vec<(Vec<Waiter>, FillResult, Mark)> = Vec::new();
@@ -526,8 +538,8 @@ fn complete(results: impl Iterator<Item = ((u64, FillResult), Mark)>) {
     // Outside the registry lock: a reply may be large to build.
     for (waiters, r, mark) in handed {
         for w in waiters {
-            if let Some(key) = &mark {
-                w.call.fell_back(w.slot, key.clone());
+            if let Some((status, key)) = &mark {
+                w.call.mark(w.slot, *status, key.clone());
             }
             w.call.deliver(w.slot, &r);
         }

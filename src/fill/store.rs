@@ -19,6 +19,12 @@ pub struct Commit<'a> {
     pub entries: Vec<(&'a [u8], &'a [u8])>,
     /// None (NOSTORE): the pin is still checked, nothing is written.
     pub expiry: Option<Expiry>,
+    /// Every entry gets the same jittered expiry (an answer and its
+    /// semantic sidecar live and die together).
+    pub together: bool,
+    /// A key that, if it exists, takes the same expiry as the entries: a
+    /// refilled answer's sidecar, so the entry stays a candidate.
+    pub companion: Option<&'a [u8]>,
 }
 
 /// Entries for a generation's Stream (LLMCACHE.STREAM).
@@ -53,6 +59,10 @@ pub trait Store: Sync {
     /// continue here (no longer a master, out of memory, not a Stream).
     /// An end entry is written even over `maxmemory`, so readers end.
     fn append(&self, a: &Append) -> Result<Appended, String>;
+
+    /// The string values of `keys` in `db` (None: missing or not a
+    /// string). Only a `touch` read counts as a use for LRU/LFU eviction.
+    fn read(&self, db: i32, keys: &[&[u8]], touch: bool) -> Vec<Option<Vec<u8>>>;
 }
 
 /// Redis, through a thread-safe context: the caller's DB, effects
@@ -92,18 +102,47 @@ impl Store for RedisStore {
             Memory::Fine => false,
         };
         let now = now_ms();
+        let shared = expire_at(now, expiry.ttl_secs, expiry.jitter_pct, JITTER_RNG.next());
         for (i, (key, value)) in c.entries.iter().enumerate() {
-            let at = expire_at(now, expiry.ttl_secs, expiry.jitter_pct, JITTER_RNG.next());
+            let at = match c.together {
+                true => shared,
+                false => expire_at(now, expiry.ttl_secs, expiry.jitter_pct, JITTER_RNG.next()),
+            };
             if ffi::set_string_checked(&ctx, key, value, at, check_each).is_err() {
                 skip(c.entries.len() - i);
-                break;
+                return Ok(());
             }
+        }
+        if let (Some(k), true, Some(at)) = (c.companion, c.together, shared) {
+            let at = at.to_string();
+            let _ = ffi::call(&ctx, "PEXPIREAT", &[k, at.as_bytes()], true, |_| ());
         }
         Ok(())
     }
 
     fn append(&self, a: &Append) -> Result<Appended, String> {
         crate::fill::appender::append(a)
+    }
+
+    fn read(&self, db: i32, keys: &[&[u8]], touch: bool) -> Vec<Option<Vec<u8>>> {
+        let mut out = Vec::with_capacity(keys.len());
+        // A chunk per hold of the lock: commands run in between.
+        for chunk in keys.chunks(64) {
+            let tsc = ThreadSafeContext::new();
+            let ctx = tsc.lock();
+            let selected = ffi::select_db(&ctx, db);
+            for k in chunk {
+                let v = match (selected, touch) {
+                    (false, _) => None,
+                    (true, false) => crate::redis::keyspace::read_quiet(&ctx, k),
+                    (true, true) => ffi::with_string(&ctx, k, |v| v.map(<[u8]>::to_vec))
+                        .ok()
+                        .flatten(),
+                };
+                out.push(v);
+            }
+        }
+        out
     }
 }
 
@@ -221,6 +260,13 @@ pub mod mem {
                 s.push((entry_id(a.start_ms, a.first + i as u64), f.clone()));
             }
             Ok(Appended::Written)
+        }
+
+        fn read(&self, db: i32, keys: &[&[u8]], _touch: bool) -> Vec<Option<Vec<u8>>> {
+            let e = self.entries.lock().unwrap();
+            keys.iter()
+                .map(|k| e.get(&(db, k.to_vec())).cloned())
+                .collect()
         }
     }
 }

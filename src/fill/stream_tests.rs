@@ -87,6 +87,7 @@ fn chat_work(text: &str, max_fills: usize) -> Work {
             body: b"{}".to_vec(),
             max_bytes: 1 << 20,
             fallback: None,
+            semantic: None,
         })),
         entries: vec![Entry {
             key: format!("llm:{text}").into_bytes(),

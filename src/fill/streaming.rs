@@ -261,6 +261,8 @@ pub fn run(
                 dims: 0,
                 entries: vec![(key, b.as_slice())],
                 expiry,
+                together: false,
+                companion: None,
             };
             store
                 .commit(&commit)

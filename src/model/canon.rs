@@ -127,9 +127,17 @@ pub fn canonical_request(body: &[u8]) -> Result<Canonical, String> {
             e.column()
         ))
     })?;
-    let Value::Object(mut obj) = value else {
+    let Value::Object(obj) = value else {
         return Err(bad("must be a JSON object"));
     };
+    canonical_object(obj, body.len())
+}
+
+/// [`canonical_request`] of a parsed request; `size_hint` sizes the output.
+pub fn canonical_object(
+    mut obj: Map<String, Value>,
+    size_hint: usize,
+) -> Result<Canonical, String> {
     match obj.get("model") {
         Some(Value::String(m)) if !m.is_empty() => {}
         _ => return Err(bad("needs a non-empty string \"model\"")),
@@ -154,7 +162,7 @@ pub fn canonical_request(body: &[u8]) -> Result<Canonical, String> {
         .get("temperature")
         .and_then(Value::as_f64)
         .unwrap_or(1.0);
-    let mut bytes = Vec::with_capacity(body.len() + 64);
+    let mut bytes = Vec::with_capacity(size_hint + 64);
     write_canonical(&Value::Object(obj), &mut bytes)?;
     Ok(Canonical { bytes, temperature })
 }

@@ -67,6 +67,16 @@ fn digest_fields(fields: &[&[u8]]) -> String {
     hex(&h.finalize())
 }
 
+/// [`digest_fields`] as raw bytes.
+pub fn digest_raw(fields: &[&[u8]]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for f in fields {
+        h.update((f.len() as u64).to_be_bytes());
+        h.update(f);
+    }
+    h.finalize().into()
+}
+
 fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
@@ -169,6 +179,25 @@ impl<'a> Namespace<'a> {
         compose(self.prefix, "gen", self.tag, &d)
     }
 
+    /// The flush generations keys are derived at.
+    pub fn generations(&self) -> Generations {
+        self.generations
+    }
+
+    /// A short id of the namespace itself (not of its generation), which
+    /// semantic index entries carry so a flush can drop them.
+    pub fn id(&self) -> [u8; 16] {
+        let d = digest_raw(&[b"ns-id:v1", self.ns]);
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&d[..16]);
+        id
+    }
+
+    /// The name of the namespace, as given.
+    pub fn name(&self) -> &[u8] {
+        self.ns
+    }
+
     /// The namespace's cluster hash tag.
     pub fn tag(&self) -> &[u8] {
         self.tag
@@ -223,6 +252,26 @@ impl<'a> Namespace<'a> {
         let d = digest_fields(&[b"dims:v1", self.ns]);
         compose(self.prefix, "dims", self.tag, &d)
     }
+}
+
+/// The key of the semantic sidecar of chat entry `llm_key` (its prompt
+/// vector): the same name with kind `sem`, so both share a slot and a
+/// deleted entry names its sidecar. None for a key that is no chat entry.
+pub fn semantic_key_for(prefix: &str, llm_key: &[u8]) -> Option<Vec<u8>> {
+    let rest = llm_key
+        .strip_prefix(prefix.as_bytes())?
+        .strip_prefix(b"llm:v1:")?;
+    let mut k = Vec::with_capacity(llm_key.len());
+    k.extend_from_slice(prefix.as_bytes());
+    k.extend_from_slice(b"sem:v1:");
+    k.extend_from_slice(rest);
+    Some(k)
+}
+
+/// True when `key` names a semantic sidecar under `prefix`.
+pub fn is_semantic_key(prefix: &str, key: &[u8]) -> bool {
+    key.strip_prefix(prefix.as_bytes())
+        .is_some_and(|r| r.starts_with(b"sem:v1:"))
 }
 
 /// A generation id: `<ms hex>-<counter hex>`, as [`generation`] makes.

@@ -17,6 +17,8 @@ pub mod quota;
 pub mod reply;
 pub mod retry;
 pub mod routes;
+pub mod semantic;
 pub mod sse;
 pub mod ttl;
+pub mod vindex;
 pub mod window;

@@ -23,6 +23,9 @@ pub enum Status {
     /// The model was unavailable: a fallback model answered (stored under
     /// the fallback request's key, whose TTL is reported).
     Fallback,
+    /// A similar request's entry answered (FETCH ... SIMILAR); its key
+    /// and TTL are reported.
+    Similar,
 }
 
 impl Status {
@@ -32,6 +35,7 @@ impl Status {
             Status::Miss => b"miss",
             Status::Coalesced => b"coalesced",
             Status::Fallback => b"fallback",
+            Status::Similar => b"similar",
         }
     }
 }
@@ -54,6 +58,8 @@ pub enum Reply {
         items: Vec<Item>,
         json: bool,
     },
+    /// A plain array of replies (LLMCACHE.SIMILAR).
+    Array(Vec<Reply>),
     /// `[inner, meta]`: `meta` is one triple (`single`) or one per input.
     WithMeta {
         inner: Box<Reply>,

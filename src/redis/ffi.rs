@@ -322,6 +322,12 @@ pub fn send(ctx: &Context, reply: &Reply) {
                 }
             }
         }
+        Reply::Array(items) => {
+            reply_array(ctx, items.len());
+            for r in items {
+                send(ctx, r);
+            }
+        }
         Reply::WithMeta { inner, .. } if matches!(**inner, Reply::Error(_)) => send(ctx, inner),
         Reply::WithMeta {
             inner,
@@ -354,6 +360,8 @@ fn send_meta(ctx: &Context, m: &Meta, ttl: i64) {
     let age = match m.status {
         Status::Hit => -1,
         Status::Miss | Status::Coalesced | Status::Fallback => 0,
+        // The similar entry's write time is unknown, as for a hit.
+        Status::Similar => -1,
     };
     reply_array(ctx, 3);
     reply_bytes(ctx, m.status.word());

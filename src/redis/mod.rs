@@ -5,4 +5,5 @@ pub mod blocked;
 pub mod events;
 pub mod ffi;
 pub mod guard;
+pub mod keyspace;
 pub mod keywait;
