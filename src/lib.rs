@@ -71,6 +71,15 @@ fn log_key_source() {
     }
 }
 
+/// The semantic index names keys by prefix: a new prefix means other keys.
+fn on_prefix_config<T>(
+    _: &redis_module::configuration::ConfigurationContext,
+    _: &str,
+    _: &'static T,
+) {
+    let _ = std::panic::catch_unwind(|| fill::semindex::note_flush(None));
+}
+
 fn on_key_config<T>(_: &redis_module::configuration::ConfigurationContext, _: &str, _: &'static T) {
     let _ = std::panic::catch_unwind(log_key_source);
 }
@@ -230,7 +239,7 @@ redis_module! {
             ["semantic-max-entries", &SEMANTIC_MAX_ENTRIES, SEMANTIC_MAX_ENTRIES.default, SEMANTIC_MAX_ENTRIES.min, SEMANTIC_MAX_ENTRIES.max, ConfigurationFlags::DEFAULT, None],
         ],
         string: [
-            ["key-prefix", &KEY_PREFIX, DEFAULT_KEY_PREFIX, ConfigurationFlags::DEFAULT, None],
+            ["key-prefix", &KEY_PREFIX, DEFAULT_KEY_PREFIX, ConfigurationFlags::DEFAULT, Some(Box::new(on_prefix_config))],
             // Where requests and the key go is the admin's call: PROTECTED
             // refuses CONFIG SET unless enable-protected-configs allows it.
             ["upstream-url", &UPSTREAM_URL, DEFAULT_UPSTREAM_URL, ConfigurationFlags::PROTECTED, Some(Box::new(on_key_config))],

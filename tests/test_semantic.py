@@ -379,3 +379,30 @@ def test_refresh_ahead_keeps_the_vector_as_long_as_the_answer(s):
     fetch(s, req(A), "EX", 3)  # a plain hit, late in its TTL: refreshed
     wait_for(lambda: s.execute_command("PEXPIRETIME", key) > first, what="the refresh")
     assert s.execute_command("PEXPIRETIME", sem) == s.execute_command("PEXPIRETIME", key)
+
+
+def test_a_refill_without_a_vector_keeps_the_sidecar_with_its_answer(s):
+    meta_fetch(s, req(A), "SIMILAR", "0.99")
+    wait_for(lambda: entries(s) == 1, what="indexed")
+    key = s.execute_command("LLMCACHE.KEY", "ns", req(A))
+    sem = key.replace(b":llm:v1:", b":sem:v1:")
+    s.delete(key)  # as an eviction of the answer alone would
+    wait_for(lambda: entries(s) == 0, what="the answer's removal")
+    # A plain refill brings the answer back; its vector is a candidate again.
+    fetch(s, req(A), "REFRESH")
+    wait_for(lambda: entries(s) == 1, what="the sidecar re-indexed")
+    assert s.execute_command("PEXPIRETIME", sem) == s.execute_command("PEXPIRETIME", key)
+    # An answer kept forever keeps its vector forever too.
+    s.config_set("aicache.default-ttl", 0)
+    fetch(s, req(A), "REFRESH")
+    assert s.pttl(key) == -1 and s.pttl(sem) == -1
+
+
+def test_a_new_key_prefix_rebuilds_the_index(s):
+    stored(s, A, 1)
+    before = info_fields(s)["semantic_rebuilds"]
+    s.config_set("aicache.key-prefix", "other:")
+    wait_for(lambda: info_fields(s)["semantic_rebuilds"] > before and entries(s) == 0,
+             what="a rebuild under the new prefix")
+    s.config_set("aicache.key-prefix", "aicache:")
+    wait_for(lambda: entries(s) == 1, what="a rebuild under the old prefix")

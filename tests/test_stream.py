@@ -84,7 +84,9 @@ def test_a_miss_streams_every_chunk_then_is_stored_as_a_hit(f, upstream):
 
 
 def test_the_leader_and_50_joiners_read_identical_bytes_from_one_upstream_call(f, upstream):
-    upstream.stream(chunks=40, delay_ms=10)
+    # 1 s of stream: 50 joiner threads must all start before it ends, also on
+    # a loaded 2-core CI machine (at 10 ms a chunk one arrived late and hit).
+    upstream.stream(chunks=40, delay_ms=25)
     req = request("herd")
     _, key = start(f, req)
     results, errors = {}, []

@@ -203,7 +203,7 @@ pub fn fetch(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
             } else {
                 t.unwrap_or(cfg.semantic_threshold)
             };
-            let s = similar::spec(ctx, &cfg, &args, &key, t, 1)?;
+            let s = similar::spec(ctx, &cfg, &args, &key, t, 1, nostore)?;
             if s.is_none() {
                 STATS.semantic_skipped.incr();
             }

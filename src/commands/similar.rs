@@ -37,6 +37,7 @@ pub fn spec(
     llm_key: &[u8],
     threshold: f64,
     count: usize,
+    nostore: bool,
 ) -> Result<Option<SemSpec>, RedisError> {
     let Some(p) = prompt(args[2].as_slice()).map_err(error)? else {
         return Ok(None);
@@ -62,7 +63,10 @@ pub fn spec(
         &p.context,
     );
     let emb_key = emb_ns.embedding_key(model.as_bytes(), text.as_bytes());
-    let vector = ffi::with_string(ctx, &emb_key, |v| v.filter(|v| is_fp32(v)).map(floats))?
+    // A key of another type there is no cached vector, not an error.
+    let vector = ffi::with_string(ctx, &emb_key, |v| v.filter(|v| is_fp32(v)).map(floats))
+        .ok()
+        .flatten()
         .filter(|v| usable(v));
     let embed = EmbedSpec {
         plan: match vector {
@@ -91,7 +95,8 @@ pub fn spec(
         vector,
         embed: Arc::new(embed),
         emb_key,
-        emb_expiry: Some(cfg.expiry(None)),
+        // NOSTORE keeps nothing, the prompt's embedding included.
+        emb_expiry: (!nostore).then(|| cfg.expiry(None)),
         may_fill: ctx.get_flags().contains(ContextFlags::MASTER),
     }))
 }
@@ -177,7 +182,7 @@ pub fn similar(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         i += 2;
     }
     let (key, _) = request_key(ctx, &cfg, &args)?;
-    let spec = spec(ctx, &cfg, &args, &key, 0.0, count as usize)?
+    let spec = spec(ctx, &cfg, &args, &key, 0.0, count as usize, false)?
         .ok_or_else(|| error(format!("ERR {NOT_ELIGIBLE}")))?;
     let flags = ctx.get_flags();
     if flags.intersects(ContextFlags::MULTI | ContextFlags::LUA | ContextFlags::DENY_BLOCKING) {

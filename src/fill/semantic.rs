@@ -313,6 +313,14 @@ fn slot_prefix(sem_key: &[u8]) -> &[u8] {
 /// with the kind of the request's own entry.
 fn answer_key_of(sem: &SemSpec, key: &[u8]) -> Option<Vec<u8>> {
     let digest = key.strip_prefix(slot_prefix(&sem.sem_key))?;
+    // Exactly an entry digest: never `<digest>:stream` or another suffix.
+    if digest.len() != 64
+        || !digest
+            .iter()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return None;
+    }
     let mut k = slot_prefix(&sem.answer_key).to_vec();
     k.extend_from_slice(digest);
     Some(k)

@@ -54,6 +54,12 @@ impl Upstream for Both {
     }
 }
 
+/// A 64-hex-digit digest standing for `name`, as entry keys carry.
+fn hex(name: &str) -> String {
+    let h: String = name.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("{h:0>64}")
+}
+
 fn fp(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|f| f.to_le_bytes()).collect()
 }
@@ -69,8 +75,8 @@ fn spec(ctx: u8, vector: Option<Vec<f32>>, may_fill: bool) -> SemSpec {
         nsid: [1; 16],
         generation: 0,
         text: "the prompt".into(),
-        answer_key: format!("llm:own{ctx}").into_bytes(),
-        sem_key: format!("sem:own{ctx}").into_bytes(),
+        answer_key: format!("llm:{}", hex(&format!("own{ctx}"))).into_bytes(),
+        sem_key: format!("sem:{}", hex(&format!("own{ctx}"))).into_bytes(),
         vector,
         embed,
         emb_key: format!("emb:{ctx}").into_bytes(),
@@ -107,7 +113,7 @@ fn chat(sem: SemSpec) -> Work {
 /// Stores answer `llm:<name>` with its sidecar in context `ctx` and
 /// indexes it as context `indexed_as` (a stale index when they differ).
 fn put(store: &MemStore, name: &str, ctx: u8, indexed_as: u8, v: &[f32], answer: Option<&str>) {
-    let key = format!("llm:{name}").into_bytes();
+    let key = format!("llm:{}", hex(name)).into_bytes();
     let vector = fp(v);
     let side = Sidecar {
         context: [ctx; 32],
@@ -118,7 +124,10 @@ fn put(store: &MemStore, name: &str, ctx: u8, indexed_as: u8, v: &[f32], answer:
         vector: &vector,
     };
     let mut e = store.entries.lock().unwrap();
-    e.insert((0, format!("sem:{name}").into_bytes()), side.encode());
+    e.insert(
+        (0, format!("sem:{}", hex(name)).into_bytes()),
+        side.encode(),
+    );
     if let Some(a) = answer {
         e.insert((0, key.clone()), a.as_bytes().to_vec());
     }
@@ -127,7 +136,7 @@ fn put(store: &MemStore, name: &str, ctx: u8, indexed_as: u8, v: &[f32], answer:
         nsid: [1; 16],
         generation: 0,
     };
-    semindex::index_for_test(0, format!("sem:{name}").as_bytes(), head, v);
+    semindex::index_for_test(0, format!("sem:{}", hex(name)).as_bytes(), head, v);
 }
 
 fn run(w: Work, store: &MemStore) -> (Reply, Both) {
@@ -166,7 +175,7 @@ fn a_similar_entry_answers_marked_without_a_chat_call() {
         status(&reply),
         (
             Status::Similar,
-            b"llm:near".to_vec(),
+            format!("llm:{}", hex("near")).into_bytes(),
             b"stored answer".to_vec()
         )
     );
@@ -197,13 +206,13 @@ fn what_the_index_names_is_checked_against_the_store_first() {
     // The answer and its sidecar are stored together; the sidecar decodes
     // to this context and the embedded vector.
     let e = store.entries.lock().unwrap();
-    assert!(e.contains_key(&(0, b"llm:own203".to_vec())));
-    let side = e.get(&(0, b"sem:own203".to_vec())).unwrap();
+    let own = format!("llm:{}", hex("own203")).into_bytes();
+    assert!(e.contains_key(&(0, own.clone())));
+    let side = e
+        .get(&(0, format!("sem:{}", hex("own203")).into_bytes()))
+        .unwrap();
     let side = Sidecar::decode(side).unwrap();
-    assert_eq!(
-        (side.context, side.answer_key),
-        ([203; 32], &b"llm:own203"[..])
-    );
+    assert_eq!((side.context, side.answer_key), ([203; 32], &own[..]));
     assert_eq!(side.floats(), vec![1.0, 0.0]);
     assert!(
         e.contains_key(&(0, b"emb:203".to_vec())),

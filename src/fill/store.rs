@@ -113,9 +113,24 @@ impl Store for RedisStore {
                 return Ok(());
             }
         }
-        if let (Some(k), true, Some(at)) = (c.companion, c.together, shared) {
-            let at = at.to_string();
-            let _ = ffi::call(&ctx, "PEXPIREAT", &[k, at.as_bytes()], true, |_| ());
+        if let (Some(k), true) = (c.companion, c.together) {
+            let at = shared.map(|at| at.to_string());
+            let changed = match &at {
+                Some(at) => ffi::call(
+                    &ctx,
+                    "PEXPIREAT",
+                    &[k, at.as_bytes()],
+                    true,
+                    ffi::reply_as_i64,
+                ),
+                // The answer has no expiry now: neither has its vector.
+                None => ffi::call(&ctx, "PERSIST", &[k], true, ffi::reply_as_i64),
+            };
+            // An expiry change is no index event; a sidecar whose answer had
+            // gone (and so left the index) is a candidate again.
+            if changed.is_ok_and(|n| n == 1) {
+                crate::fill::semindex::note_key_event(c.db, b"set", k);
+            }
         }
         Ok(())
     }
