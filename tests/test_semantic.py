@@ -14,7 +14,7 @@ import tempfile
 import pytest
 import redis
 
-from conftest import API_KEY, assert_no_panics, reset_configs
+from conftest import API_KEY
 from fake_upstream import bow_vector
 from helpers import Server, info_fields, resp, wait_for
 from test_economy import read_until
@@ -36,30 +36,15 @@ def req(text, system="be brief", model="gpt-x", **extra):
     return json.dumps({"model": model, "messages": msgs, "temperature": 0, **extra})
 
 
-@pytest.fixture(scope="module")
-def sserver(upstream):
-    s = Server(module_args=["upstream-url", upstream.url], env={"OPENAI_API_KEY": API_KEY})
-    yield s
-    alive = s.proc.poll() is None
-    if alive:
-        assert_no_panics(s)
-    s.stop()
-    assert alive, "redis-server died during the semantic tests"
-
-
 @pytest.fixture
-def s(sserver, upstream):
-    c = sserver.client()
-    wait_for(lambda: info_fields(c)["fills_in_flight"] == 0, what="previous fills to finish")
-    c.flushall()
-    upstream.reset()
-    c.config_set("aicache.semantic-model", BOW)
-    c.config_set("aicache.batch-window-ms", 0)
-    c.config_resetstat()
-    wait_for(lambda: info_fields(c)["semantic_entries"] == 0, what="an empty index")
-    yield c
-    reset_configs(c)
-    c.close()
+def s(f):
+    """conftest's fill server and client, with the bag-of-words model for
+    prompts and no batching window; reset by `f`."""
+    f.config_set("aicache.semantic-model", BOW)
+    f.config_set("aicache.batch-window-ms", 0)
+    f.config_resetstat()
+    wait_for(lambda: info_fields(f)["semantic_entries"] == 0, what="an empty index")
+    return f
 
 
 def entries(c):
@@ -130,7 +115,7 @@ def test_the_configured_threshold_is_the_default(s, upstream):
     {"ns": "other"},
     {"db": 1},
 ])
-def test_the_same_words_in_another_context_never_hit(s, sserver, upstream, variant):
+def test_the_same_words_in_another_context_never_hit(s, fserver, upstream, variant):
     stored(s, A, 1)
     variant = dict(variant)
     ns = variant.pop("ns", "ns")
@@ -142,7 +127,7 @@ def test_the_same_words_in_another_context_never_hit(s, sserver, upstream, varia
         obj = json.loads(body)
         obj.update(extra)
         body = json.dumps(obj)
-    c = sserver.client(db=db)
+    c = fserver.client(db=db)
     # Threshold 0: anything of the same context would answer.
     value, meta = c.execute_command("LLMCACHE.FETCH", ns, body, "WITHMETA", "SIMILAR", "0", "NOSTORE")
     assert meta[0] == b"miss", variant
@@ -239,13 +224,13 @@ def test_bad_similar_options_are_refused(s):
         s.execute_command("LLMCACHE.STREAM", "ns", req(A), "SIMILAR")
 
 
-def test_a_tenant_acl_cannot_reach_another_tenants_entries(s, sserver, upstream):
+def test_a_tenant_acl_cannot_reach_another_tenants_entries(s, fserver, upstream):
     meta_fetch(s, req(A), "SIMILAR", "0.99", ns="{bob}:chat")
     wait_for(lambda: entries(s) == 1, what="bob's entry indexed")
     s.execute_command("ACL", "SETUSER", "alice", "on", ">pw", "resetkeys", "~{alice}:*",
                       "+llmcache.fetch", "+llmcache.similar", "+ping")
     try:
-        a = sserver.client(username="alice", password="pw")
+        a = fserver.client(username="alice", password="pw")
         with pytest.raises(redis.ResponseError, match="(?i)noperm|no permissions"):
             a.execute_command("LLMCACHE.SIMILAR", "{bob}:chat", req(B))
         with pytest.raises(redis.ResponseError, match="(?i)noperm|no permissions"):
@@ -260,7 +245,7 @@ def test_a_tenant_acl_cannot_reach_another_tenants_entries(s, sserver, upstream)
         s.execute_command("ACL", "DELUSER", "alice")
 
 
-def test_a_restart_and_a_replica_answer_semantic_hits(s, sserver, upstream):
+def test_a_restart_and_a_replica_answer_semantic_hits(s, fserver, upstream):
     answer = stored(s, A, 1)
     stored(s, C, 2)
     s.execute_command("DEBUG", "RELOAD")
@@ -269,11 +254,11 @@ def test_a_restart_and_a_replica_answer_semantic_hits(s, sserver, upstream):
     # A real restart from the RDB file.
     s.save()
     d = tempfile.mkdtemp(prefix="aicache-sem-restart-")
-    shutil.copy(os.path.join(sserver.dir, "dump.rdb"), d)
+    shutil.copy(os.path.join(fserver.dir, "dump.rdb"), d)
     fresh = Server(module_args=["upstream-url", upstream.url, "semantic-model", BOW],
                    extra=["--dir", d], env={"OPENAI_API_KEY": API_KEY})
     replica = Server(module_args=["upstream-url", upstream.url, "semantic-model", BOW],
-                     extra=["--replicaof", "127.0.0.1", sserver.port],
+                     extra=["--replicaof", "127.0.0.1", fserver.port],
                      env={"OPENAI_API_KEY": API_KEY})
     try:
         fc = fresh.client()
@@ -295,28 +280,33 @@ def test_a_restart_and_a_replica_answer_semantic_hits(s, sserver, upstream):
         shutil.rmtree(d, ignore_errors=True)
 
 
-def test_deadlines_and_killed_clients_racing_semantic_lookups_get_exactly_one_reply(s, sserver, upstream):
+def test_deadlines_and_killed_clients_racing_semantic_lookups_get_exactly_one_reply(s, fserver, upstream):
     answer = stored(s, A, 1)
     upstream.reset()
     upstream.latency(20)
     outcomes = set()
     for it in range(12):
-        socks = [socket.create_connection(("127.0.0.1", sserver.port)) for _ in range(8)]
-        gone = socket.create_connection(("127.0.0.1", sserver.port))
+        socks = [socket.create_connection(("127.0.0.1", fserver.port)) for _ in range(8)]
+        gone = socket.create_connection(("127.0.0.1", fserver.port))
         gone.sendall(resp("LLMCACHE.FETCH", "ns", req(f"{B} gone {it}"), "SIMILAR", "0.5"))
         gone.close()
         for i, sk in enumerate(socks):
             # A fresh prompt each time: its embedding call (20 ms) decides.
+            # Even callers FETCH, odd ones list with LLMCACHE.SIMILAR.
             body = req(f"{B} round {it} caller {i}")
-            sk.sendall(resp("LLMCACHE.FETCH", "ns", body, "SIMILAR", "0.5", "NOSTORE",
-                            "TIMEOUT", 12 + 3 * i) + resp("ECHO", f"after-{i}"))
+            cmd = (["LLMCACHE.FETCH", "ns", body, "SIMILAR", "0.5", "NOSTORE"] if i % 2 == 0
+                   else ["LLMCACHE.SIMILAR", "ns", body, "COUNT", 1])
+            sk.sendall(resp(*cmd, "TIMEOUT", 12 + 3 * i) + resp("ECHO", f"after-{i}"))
         for i, sk in enumerate(socks):
             tail = b"$%d\r\nafter-%d\r\n" % (len(f"after-{i}"), i)
             got = read_until(sk, tail)
             head = got[:-len(tail)]
-            hit = head == b"$%d\r\n%s\r\n" % (len(answer), answer)
+            if i % 2 == 0:
+                hit = head == b"$%d\r\n%s\r\n" % (len(answer), answer)
+            else:
+                hit = head.startswith(b"*1\r\n*3\r\n$8\r\n0.") and head.endswith(A.encode() + b"\r\n")
             assert hit or head.startswith(b"-ERR timed out"), (it, i, head[:80])
-            outcomes.add(hit)
+            outcomes.add((i % 2, hit))
         # No late second reply: the next reply on each socket is this PONG.
         for sk in socks:
             sk.sendall(resp("PING"))
@@ -324,7 +314,8 @@ def test_deadlines_and_killed_clients_racing_semantic_lookups_get_exactly_one_re
         for sk in socks:
             assert read_until(sk, b"+PONG\r\n") == b"+PONG\r\n"
             sk.close()
-    assert outcomes == {True, False}, "the race window was not hit from both sides"
+    assert outcomes == {(0, True), (0, False), (1, True), (1, False)}, \
+        "the race window was not hit from both sides by both commands"
     # Every lookup that ran found A: none filled from the upstream.
     assert upstream.calls("chat") == 0
     assert s.ping() and info_fields(s)["worker_panics"] == 0
@@ -355,10 +346,10 @@ def test_a_forged_sidecar_cannot_point_a_lookup_at_another_key(s):
              what="the genuine sidecar found")
 
 
-def test_flushdb_and_swapdb_move_the_index_with_the_data(s, sserver):
+def test_flushdb_and_swapdb_move_the_index_with_the_data(s, fserver):
     answer = stored(s, A, 1)
     s.execute_command("SWAPDB", 0, 1)
-    c1 = sserver.client(db=1)
+    c1 = fserver.client(db=1)
     wait_for(lambda: info_fields(s)["semantic_rebuilding"] == 0 and entries(s) == 1,
              what="the rebuild after SWAPDB")
     assert meta_fetch(c1, req(B), "SIMILAR", "0.9", "NOSTORE") == (answer, "similar")

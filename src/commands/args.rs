@@ -160,6 +160,14 @@ pub fn number(arg: Option<&[u8]>, what: &str, min: u64, max: u64) -> Result<u64,
     Ok(n)
 }
 
+/// A `TENANT` value: 1 to 256 bytes.
+pub fn tenant_arg(arg: Option<&[u8]>) -> Result<Vec<u8>, RedisError> {
+    match arg {
+        Some(t) if !t.is_empty() && t.len() <= 256 => Ok(t.to_vec()),
+        _ => Err(error("ERR TENANT must be 1 to 256 bytes")),
+    }
+}
+
 /// Parses `[TIMEOUT ms] [REFRESH] [NOSTORE] [EX seconds]`, plus
 /// `[DIMENSIONS d] [FORMAT FP32|JSON]` when `vectors` is set.
 pub fn fetch_options<A: Deref<Target = [u8]>>(
@@ -192,11 +200,7 @@ pub fn fetch_options<A: Deref<Target = [u8]>>(
             o.ex = Some(parse_ex(v).map_err(error)?);
         } else if is_word(a, "TENANT") {
             i += 1;
-            let t = at(i).unwrap_or_default();
-            if t.is_empty() || t.len() > 256 {
-                return Err(error("ERR TENANT must be 1 to 256 bytes"));
-            }
-            o.tenant = Some(t.to_vec());
+            o.tenant = Some(tenant_arg(at(i))?);
         } else if vectors && is_word(a, "DIMENSIONS") {
             i += 1;
             o.dims = Some(number(at(i), "DIMENSIONS", 1, max_dims as u64)? as u32);

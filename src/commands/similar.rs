@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use redis_module::{Context, ContextFlags, RedisError, RedisResult, RedisString, RedisValue};
 
-use crate::commands::args::{is_word, namespace, namespace_at, number, tenant, unknown_option};
+use crate::commands::args::{
+    is_word, namespace, namespace_at, number, tenant, tenant_arg, unknown_option,
+};
 use crate::commands::llmcache::request_key;
 use crate::config::Settings;
 use crate::fill::call::{Call, Shape};
@@ -27,6 +29,52 @@ use crate::redis::ffi::{self, error};
 /// Most entries one LLMCACHE.SIMILAR lists.
 const MAX_COUNT: u64 = 100;
 
+/// Where a request's prompt belongs: derived once, here, for lookups and
+/// for SET ... VECTOR alike, so both always name the same context.
+struct Located {
+    text: String,
+    context: [u8; 32],
+    nsid: [u8; 16],
+    generation: u64,
+    /// The prompt's embedding-cache key and its namespace's pin hash.
+    emb_key: Vec<u8>,
+    pin_key: Vec<u8>,
+    sem_key: Vec<u8>,
+}
+
+/// None when the request `args[2]` has no final user text.
+fn locate(
+    ctx: &Context,
+    cfg: &Settings,
+    args: &[RedisString],
+    llm_key: &[u8],
+) -> Result<Option<Located>, RedisError> {
+    let Some(p) = prompt(args[2].as_slice()).map_err(error)? else {
+        return Ok(None);
+    };
+    let text = match cfg.normalize_whitespace {
+        // Only ASCII whitespace changes, so the text stays UTF-8.
+        true => String::from_utf8_lossy(&collapse_whitespace(p.text.as_bytes())).into_owned(),
+        false => p.text,
+    };
+    let model = cfg.semantic_model.as_bytes();
+    let ns = namespace_at(ctx, cfg, &args[1], None)?;
+    let generation = ns.generations().ns;
+    let emb_ns = namespace_at(ctx, cfg, &args[1], Some(model))?;
+    let e = emb_ns.generations();
+    let sem_key = semantic_key_for(&cfg.prefix, llm_key)
+        .ok_or_else(|| error("ERR internal error: no sidecar key for this entry"))?;
+    Ok(Some(Located {
+        context: context_id(ns.name(), generation, [e.ns, e.model], model, &p.context),
+        nsid: ns.id(),
+        generation,
+        emb_key: emb_ns.embedding_key(model, text.as_bytes()),
+        pin_key: emb_ns.dims_key(),
+        sem_key,
+        text,
+    }))
+}
+
 /// What the request `args[2]` of namespace `args[1]` compares by, or None
 /// when it is exact-only (no final user text, or a text longer than
 /// aicache.max-text-bytes). Reads the prompt's cached embedding, if any.
@@ -39,32 +87,15 @@ pub fn spec(
     count: usize,
     nostore: bool,
 ) -> Result<Option<SemSpec>, RedisError> {
-    let Some(p) = prompt(args[2].as_slice()).map_err(error)? else {
+    let Some(at) = locate(ctx, cfg, args, llm_key)? else {
         return Ok(None);
     };
-    let text = match cfg.normalize_whitespace {
-        // Only ASCII whitespace changes, so the text stays UTF-8.
-        true => String::from_utf8_lossy(&collapse_whitespace(p.text.as_bytes())).into_owned(),
-        false => p.text,
-    };
-    if text.len() > cfg.max_text_bytes {
+    if at.text.len() > cfg.max_text_bytes {
         return Ok(None);
     }
     let model: &str = &cfg.semantic_model;
-    let ns = namespace_at(ctx, cfg, &args[1], None)?;
-    let generation = ns.generations().ns;
-    let emb_ns = namespace_at(ctx, cfg, &args[1], Some(model.as_bytes()))?;
-    let e = emb_ns.generations();
-    let context = context_id(
-        ns.name(),
-        generation,
-        [e.ns, e.model],
-        model.as_bytes(),
-        &p.context,
-    );
-    let emb_key = emb_ns.embedding_key(model.as_bytes(), text.as_bytes());
     // A key of another type there is no cached vector, not an error.
-    let vector = ffi::with_string(ctx, &emb_key, |v| v.filter(|v| is_fp32(v)).map(floats))
+    let vector = ffi::with_string(ctx, &at.emb_key, |v| v.filter(|v| is_fp32(v)).map(floats))
         .ok()
         .flatten()
         .filter(|v| usable(v));
@@ -75,26 +106,24 @@ pub fn spec(
         },
         model: model.to_string(),
         dims: None,
-        pin_key: Some(emb_ns.dims_key()),
+        pin_key: Some(at.pin_key),
         fixed_dims: cfg.fixed_dims,
         known_dims: crate::model::pins::known_dims(&cfg.model_dims, model),
         max_dims: cfg.max_dims,
         base64: cfg.base64,
     };
-    let sem_key = semantic_key_for(&cfg.prefix, llm_key)
-        .ok_or_else(|| error("ERR internal error: no sidecar key for this entry"))?;
     Ok(Some(SemSpec {
         threshold,
         count,
-        context,
-        nsid: ns.id(),
-        generation,
-        text,
+        context: at.context,
+        nsid: at.nsid,
+        generation: at.generation,
+        text: at.text,
         answer_key: llm_key.to_vec(),
-        sem_key,
+        sem_key: at.sem_key,
         vector,
         embed: Arc::new(embed),
-        emb_key,
+        emb_key: at.emb_key,
         // NOSTORE keeps nothing, the prompt's embedding included.
         emb_expiry: (!nostore).then(|| cfg.expiry(None)),
         may_fill: ctx.get_flags().contains(ContextFlags::MASTER),
@@ -114,13 +143,6 @@ pub fn sidecar_for_set(
     if !usable(&floats(&bytes)) {
         return Err(error("ERR VECTOR must not be all zeros"));
     }
-    let p = prompt(args[2].as_slice())
-        .map_err(error)?
-        .ok_or_else(|| error(format!("ERR VECTOR given but the {NOT_ELIGIBLE}")))?;
-    let text = match cfg.normalize_whitespace {
-        true => collapse_whitespace(p.text.as_bytes()),
-        false => p.text.into_bytes(),
-    };
     let model: &str = &cfg.semantic_model;
     if let Some(want) = crate::model::pins::known_dims(&cfg.model_dims, model) {
         if want != bytes.len() / 4 {
@@ -130,26 +152,17 @@ pub fn sidecar_for_set(
             )));
         }
     }
-    let ns = namespace_at(ctx, cfg, &args[1], None)?;
-    let generation = ns.generations().ns;
-    let e = namespace_at(ctx, cfg, &args[1], Some(model.as_bytes()))?.generations();
+    let at = locate(ctx, cfg, args, llm_key)?
+        .ok_or_else(|| error(format!("ERR VECTOR given but the {NOT_ELIGIBLE}")))?;
     let side = Sidecar {
-        context: context_id(
-            ns.name(),
-            generation,
-            [e.ns, e.model],
-            model.as_bytes(),
-            &p.context,
-        ),
-        nsid: ns.id(),
-        generation,
+        context: at.context,
+        nsid: at.nsid,
+        generation: at.generation,
         answer_key: llm_key,
-        text: &text,
+        text: at.text.as_bytes(),
         vector: &bytes,
     };
-    let key = semantic_key_for(&cfg.prefix, llm_key)
-        .ok_or_else(|| error("ERR internal error: no sidecar key for this entry"))?;
-    Ok((key, side.encode()))
+    Ok((at.sem_key, side.encode()))
 }
 
 /// LLMCACHE.SIMILAR ns request [COUNT k] [TIMEOUT ms] [TENANT t]
@@ -171,11 +184,7 @@ pub fn similar(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         } else if is_word(a, "TIMEOUT") {
             timeout = number(next, "TIMEOUT", 1, 86_400_000)?;
         } else if is_word(a, "TENANT") {
-            let t = next.unwrap_or_default();
-            if t.is_empty() || t.len() > 256 {
-                return Err(error("ERR TENANT must be 1 to 256 bytes"));
-            }
-            given_tenant = Some(t.to_vec());
+            given_tenant = Some(tenant_arg(next)?);
         } else {
             return Err(unknown_option(a, "COUNT, TIMEOUT or TENANT"));
         }

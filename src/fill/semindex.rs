@@ -18,6 +18,7 @@ use std::time::Instant;
 use redis_module::ThreadSafeContext;
 
 use crate::config::{KEY_PREFIX, SEMANTIC_MAX_ENTRIES};
+use crate::fill::store::{RedisStore, Store};
 use crate::model::keys::{is_semantic_key, semantic_key_for};
 use crate::model::semantic::Sidecar;
 use crate::model::vindex::{Head, Index, Inserted};
@@ -42,8 +43,6 @@ struct Queue {
 
 /// Pending updates beyond this are dropped for a full rebuild.
 const MAX_QUEUE: usize = 100_000;
-/// Sidecars read per hold of the Redis lock.
-const READ_CHUNK: usize = 64;
 
 static QUEUE: LazyLock<Mutex<Queue>> = LazyLock::new(Mutex::default);
 static WAKE: Condvar = Condvar::new();
@@ -297,15 +296,10 @@ fn index_one(x: &mut Index, db: i32, key: &[u8], value: Option<&[u8]>, max: usiz
 /// Reads `keys` under the lock, a chunk per hold so commands run between.
 fn read_all(keys: &[(i32, &[u8])]) -> Vec<Option<Vec<u8>>> {
     let mut out = Vec::with_capacity(keys.len());
-    for chunk in keys.chunks(READ_CHUNK) {
-        let tsc = ThreadSafeContext::new();
-        let ctx = tsc.lock();
-        for (db, key) in chunk {
-            let v = ffi::select_db(&ctx, *db)
-                .then(|| keyspace::read_quiet(&ctx, key))
-                .flatten();
-            out.push(v);
-        }
+    // One read per run of the same DB (a batch is mostly one DB).
+    for run in keys.chunk_by(|a, b| a.0 == b.0) {
+        let names: Vec<&[u8]> = run.iter().map(|&(_, k)| k).collect();
+        out.extend(RedisStore.read(run[0].0, &names, false));
     }
     out
 }

@@ -141,7 +141,7 @@ impl Store for RedisStore {
 
     fn read(&self, db: i32, keys: &[&[u8]], touch: bool) -> Vec<Option<Vec<u8>>> {
         let mut out = Vec::with_capacity(keys.len());
-        // A chunk per hold of the lock: commands run in between.
+        // 64 keys per hold of the lock: commands run in between.
         for chunk in keys.chunks(64) {
             let tsc = ThreadSafeContext::new();
             let ctx = tsc.lock();
